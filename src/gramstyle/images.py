@@ -1,0 +1,177 @@
+"""Image decoding, validation and encoding -- the one place for it.
+
+The CLI, the client library and the gRPC server all go through these functions, so a bad
+image gets the same message everywhere. Every error is an :class:`ImageError` (a
+``ValueError``) whose message starts with the name of the field or option it came from.
+
+Pixel limits are checked from the image *header*, before any pixel data is decoded, so a
+decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default limit on width*height of any decoded image (a 4096x4096 image).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+#: Output formats by name, as used by the CLI suffixes and the proto enum.
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+
+class ImageError(ValueError):
+    """A bad image input. ``field`` names the option or request field it came from."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, Image.Image):
+        return "PIL image"
+    return f"{len(source)} bytes"
+
+
+def _check_size(width: int, height: int, field: str, max_pixels: int | None) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(field, f"zero-size image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            field,
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} pixels",
+        )
+
+
+def load_image(
+    source: ImageSource, field: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode and validate an image; return it as an RGB PIL image.
+
+    Args:
+        source: a file path, encoded bytes (PNG, JPEG, WebP, ... anything Pillow reads), or
+            a PIL image.
+        field: the option or request field name, used as the prefix of every error message.
+        max_pixels: reject images whose width*height exceeds this (``None``: no limit).
+
+    Raises:
+        ImageError: missing/unreadable file, empty/corrupt/undecodable bytes, zero size, or
+            over the pixel limit.
+    """
+    if isinstance(source, Image.Image):
+        _check_size(source.width, source.height, field, max_pixels)
+        return source.convert("RGB")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(field, f"file not found: {str(path)!r}")
+        if path.is_dir():
+            raise ImageError(field, f"is a directory, not an image file: {str(path)!r}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(field, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+        what = repr(str(path))
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        what = f"{len(data)} bytes"
+    else:
+        raise ImageError(field, f"expected a path, bytes or PIL image, got {type(source).__name__}")
+    if not data:
+        raise ImageError(field, f"empty image ({what})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            # Only the header has been parsed so far: check the size before decoding pixels.
+            _check_size(image.width, image.height, field, max_pixels)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(field, f"image too large to decode ({what}): {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(field, f"cannot decode image ({what}): not a PNG, JPEG, WebP or other "
+                                "supported image") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(field, f"corrupt or truncated image ({what}): {exc}") from exc
+
+
+def format_for_path(path: str | os.PathLike, field: str = "output") -> str:
+    """Pillow format name ('PNG', 'JPEG', 'WEBP') for an output path's suffix."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ImageError(
+            field, f"unsupported output file type {str(path)!r}: use .png, .jpg, .jpeg or .webp"
+        )
+    return FORMATS[suffix]
+
+
+def check_output_path(path: str | os.PathLike, field: str = "output") -> Path:
+    """Validate an output path up front (known suffix, existing writable folder)."""
+    format_for_path(path, field)
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ImageError(field, f"folder does not exist: {str(parent)!r}")
+    if not os.access(parent, os.W_OK):
+        raise ImageError(field, f"folder is not writable: {str(parent)!r}")
+    return path
+
+
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode an image to bytes. ``fmt`` is 'png', 'jpeg'/'jpg' or 'webp' (any case)."""
+    name = FORMATS.get(fmt.lower())
+    if name is None:
+        raise ImageError("format", f"unsupported output format {fmt!r}: use png, jpeg or webp")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if name in ("JPEG", "WEBP") else {}
+    image.convert("RGB").save(buf, format=name, **kwargs)
+    return buf.getvalue()
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, field: str = "output") -> Path:
+    """Write an image atomically: to a temporary file in the same folder, then rename.
+
+    A crash or error part-way through never leaves a half-written file at ``path``.
+    """
+    path = check_output_path(path, field)
+    data = encode_image(image, format_for_path(path, field))
+    return write_bytes_atomic(data, path)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resize_long_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so that the longer side is ``size`` pixels, keeping the aspect ratio."""
+    w, h = image.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new == (w, h):
+        return image
+    return image.resize(new, Image.Resampling.LANCZOS)
