@@ -10,11 +10,11 @@ Use the engine directly, without gRPC::
 
 from gramstyle.server.engine import (
     Cancelled,
-    LossReport,
     Losses,
+    LossReport,
     Progress,
-    StylizeResult,
     StyleTransfer,
+    StylizeResult,
 )
 from gramstyle.server.options import StyleOptions
 

@@ -81,7 +81,7 @@ class StyleOptions:
     #: One weight per style image (None: equal).
     style_blend_weights: tuple[float, ...] | None = None
     content_weight: float = 1.0
-    style_weight: float = 1e4
+    style_weight: float = 5.0
     tv_weight: float = 0.0
     #: Initial image: 'content', 'noise' (seeded), 'style', or 'image' (see init_image).
     init: str = "content"
@@ -134,7 +134,8 @@ class StyleOptions:
             raise ValueError(f"style_scale: must be > 0 and keep size*style_scale <= {max_size}, "
                              f"got {self.style_scale}")
         if not isinstance(self.progress_every, int) or self.progress_every < 1:
-            raise ValueError(f"progress_every: must be an integer >= 1, got {self.progress_every!r}")
+            raise ValueError(
+                f"progress_every: must be an integer >= 1, got {self.progress_every!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         return self

@@ -1,0 +1,197 @@
+"""The VGG feature extractor: layer names, weights, and a truncated, frozen forward pass.
+
+Input: RGB images in [0, 1], shape [B, 3, H, W]. ImageNet mean/std normalisation is part of
+the extractor, so callers never normalise.
+
+Layers are addressed by name (``conv1_1``, ``relu1_1``, ``pool1`` ... ``relu5_4``, ``pool5``)
+or by their index in ``torchvision.models.vgg19().features`` (``"0"``, ``"2"``, ``"5"`` ...),
+as in the lecture's nn.Sequential picture. Only the layers up to the deepest one asked for
+are run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_BUILDERS = {
+    "vgg19": (torchvision.models.vgg19, torchvision.models.VGG19_Weights.IMAGENET1K_V1),
+    "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1),
+}
+
+
+class WeightsError(ValueError):
+    """The ``weights`` option cannot be satisfied (missing file, wrong keys or shapes)."""
+
+
+def layer_names(features: nn.Sequential) -> list[str]:
+    """Names for each module of a VGG ``features`` stack, in order.
+
+    conv{block}_{i}, relu{block}_{i} for the i-th conv of a block, pool{block} for its pool.
+    """
+    names, block, conv = [], 1, 0
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:  # pragma: no cover - torchvision's VGG has only these three
+            raise TypeError(f"unexpected module in VGG features: {module!r}")
+    return names
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision's download cache keeps the ImageNet weights for ``arch``."""
+    url = _BUILDERS[arch][1].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _load_imagenet(arch: str, features: nn.Sequential) -> None:
+    weights = _BUILDERS[arch][1]
+    path = imagenet_weights_path(arch)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # no network, proxy refusal, corrupt cache ...
+        raise WeightsError(
+            f"weights: cannot load ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+            f"Expected the file {path} (torchvision's cache; set TORCH_HOME to move it). "
+            f"Download it on a machine with internet, or use --weights random (a seeded "
+            f"random network) or --weights PATH (a local state_dict file)."
+        ) from exc
+    _load_state(features, state, f"ImageNet {arch} file {path}")
+
+
+def _load_file(path: str, features: nn.Sequential, arch: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights: file not found: {path!r} (expected imagenet, random, or a "
+                           f"path to a VGG state_dict)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"weights: cannot load {path!r} as a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights: {path!r} holds a {type(state).__name__}, not a state_dict")
+    _load_state(features, state, f"{path!r}", arch)
+
+
+def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "") -> None:
+    """Load a whole-VGG (``features.N.*``) or features-only (``N.*``) state dict, strictly."""
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    expected = features.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights: {what} does not match {arch or 'the'} VGG features: "
+            f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+        )
+    for key, tensor in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise WeightsError(f"weights: {what}: key {key!r} has shape {shape}, "
+                               f"expected {tuple(tensor.shape)}")
+    features.load_state_dict({k: state[k].float() for k in expected})
+
+
+class VGGFeatures(nn.Module):
+    """A frozen VGG ``features`` stack that returns the activations of named layers.
+
+    Args:
+        arch: 'vgg19' (default) or 'vgg16'.
+        weights: 'imagenet' (torchvision IMAGENET1K_V1 via its download cache), 'random'
+            (seeded random init, the lecture's RandomNet), or a path to a state_dict of a
+            whole VGG or of ``features`` alone.
+        pooling: 'max' or 'avg' (avg pooling gives smoother results, as in Gatys et al.).
+        seed: seed of the random weights when ``weights='random'``.
+    """
+
+    def __init__(self, arch: str = "vgg19", weights: str = "imagenet", pooling: str = "max",
+                 seed: int = 0):
+        super().__init__()
+        if arch not in _BUILDERS:
+            raise ValueError(f"arch: must be one of {', '.join(_BUILDERS)}, got {arch!r}")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling: must be max or avg, got {pooling!r}")
+        if not isinstance(weights, str) or not weights:
+            raise WeightsError(f"weights: must be imagenet, random or a file path, got {weights!r}")
+        build = _BUILDERS[arch][0]
+        if weights == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                features = build(weights=None).features
+        else:
+            features = build(weights=None).features
+            if weights == "imagenet":
+                _load_imagenet(arch, features)
+            else:
+                _load_file(weights, features, arch)
+        modules = []
+        for module in features:
+            if isinstance(module, nn.ReLU):
+                # torchvision's ReLUs are in-place, which would overwrite the conv outputs
+                # we capture as features.
+                module = nn.ReLU(inplace=False)
+            elif isinstance(module, nn.MaxPool2d) and pooling == "avg":
+                module = nn.AvgPool2d(kernel_size=2, stride=2)
+            modules.append(module)
+        self.layers = nn.Sequential(*modules)
+        self.arch, self.weights, self.pooling = arch, weights, pooling
+        self.layer_names = layer_names(self.layers)
+        self._index = {name: i for i, name in enumerate(self.layer_names)}
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def resolve(self, layer: str | int, field: str = "layers") -> str:
+        """Canonical name of a layer given by name or by its ``features`` index."""
+        key = str(layer).strip()
+        if key in self._index:
+            return key
+        if key.isdigit() and int(key) < len(self.layer_names):
+            return self.layer_names[int(key)]
+        raise ValueError(
+            f"{field}: unknown layer {layer!r} for {self.arch}; use a name such as relu4_2 "
+            f"(one of {self.layer_names[0]} ... {self.layer_names[-1]}) or an index 0.."
+            f"{len(self.layer_names) - 1}"
+        )
+
+    def forward(self, images: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Activations of ``layers`` for ``images`` ([B,3,H,W], RGB in [0,1]).
+
+        Runs the network only up to the deepest requested layer.
+        """
+        wanted = {self._index[self.resolve(name)] for name in layers}
+        if not wanted:
+            return {}
+        x = (images - self.mean) / self.std
+        if x.device.type == "cpu":
+            # oneDNN convolutions are markedly faster in channels_last on CPU.
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = {}
+        for i, module in enumerate(self.layers[: max(wanted) + 1]):
+            x = module(x)
+            if i in wanted:
+                out[self.layer_names[i]] = x
+        return out
