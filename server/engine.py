@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+from gramstyle import kernels
+from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, resize_long_side
 from gramstyle.server.extractor import VGGFeatures
 from gramstyle.server.losses import ContentLoss, StyleLoss, tv_loss, weighted_sum
 from gramstyle.server.options import (
@@ -32,11 +37,6 @@ from gramstyle.server.options import (
     check_choice,
     check_weights,
 )
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-
-from gramstyle import kernels
-from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, resize_long_side
 
 
 class Cancelled(Exception):
@@ -59,10 +59,10 @@ class Losses:
 
 @dataclass
 class Progress:
-    """Reported after iteration ``iteration`` (1-based) of ``iterations``.
+    """The state after ``iteration`` of ``iterations`` optimiser steps (0: the initial image).
 
-    ``losses`` are those evaluated during that iteration; ``image`` is the image after it
-    (only when the caller asked for previews)."""
+    ``losses`` are those of that image; ``image`` is the image itself, only when the caller
+    asked for previews."""
 
     iteration: int
     iterations: int
@@ -308,8 +308,8 @@ class StyleTransfer:
             style: style image(s); may be empty when style_weight is 0.
             options: see :class:`StyleOptions`; defaults when None.
             init_image: the start image when ``options.init == 'image'``.
-            progress: called after iteration 1, then every ``options.progress_every``
-                iterations counted from 1 (1, 11, 21, ... for 10), and after the last.
+            progress: called with the state after 0 iterations (the initial image), then
+                every ``options.progress_every`` iterations, and after the last one.
             preview: attach the current image to each Progress.
             should_stop: polled before every iteration; when it returns True the run stops
                 and :class:`Cancelled` is raised.
@@ -344,29 +344,37 @@ class StyleTransfer:
             last.append(losses)
             return total
 
-        n = options.iterations
-        for i in range(1, n + 1):
+        n, every = options.iterations, options.progress_every
+
+        def report(done: int, losses: Losses, image: Image.Image | None) -> None:
+            if progress is not None:
+                progress(Progress(done, n, losses, time.perf_counter() - started, image))
+
+        for done in range(n):
             if should_stop is not None and should_stop():
-                raise Cancelled(f"stopped after {i - 1} of {n} iterations")
+                raise Cancelled(f"stopped after {done} of {n} iterations")
+            due = progress is not None and done % every == 0
+            # The preview is taken before the step so it matches the losses the step computes.
+            image = self._finish(x, problem, options) if due and preview else None
             last.clear()
             optimizer.step(closure)
-            if options.optimizer == "adam":
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            losses = last[0]
-            if not np.isfinite(losses.total):
+            with torch.no_grad():
+                # Keep pixels displayable: the loss of the clamped image is what we return.
+                x.clamp_(0, 1)
+            if not np.isfinite(last[0].total):
                 raise ValueError(f"learning_rate: the optimisation diverged (total loss "
-                                 f"{losses.total} at iteration {i}); lower learning_rate or "
-                                 f"the loss weights")
-            if progress is not None and ((i - 1) % options.progress_every == 0 or i == n):
-                image = self._finish(x, problem, options) if preview else None
-                progress(Progress(i, n, losses, time.perf_counter() - started, image))
+                                 f"{last[0].total} at iteration {done + 1}); lower "
+                                 f"learning_rate or the loss weights")
+            if due:
+                report(done, last[0], image)
 
         with torch.no_grad():
             final = x.detach().clamp(0, 1)
             _, losses = self._evaluate(problem, final, options)
+        image = self._finish(final, problem, options)
+        report(n, losses, image if preview else None)
         return StylizeResult(
-            image=self._finish(final, problem, options), iterations=n, losses=losses,
+            image=image, iterations=n, losses=losses,
             elapsed_s=time.perf_counter() - started, backend=self.backend,
             device=str(self.device),
         )

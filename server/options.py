@@ -97,7 +97,7 @@ class StyleOptions:
     #: Keep the content image's colours: transfer luminance only (YIQ).
     preserve_colors: bool = False
     precision: str = "fp32"
-    #: Report progress every N iterations (and on the first and last).
+    #: Report progress after 0, N, 2N, ... iterations and after the last one.
     progress_every: int = 10
 
     def validated(self, max_size: int = MAX_SIZE, max_iterations: int = MAX_ITERATIONS
