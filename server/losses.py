@@ -4,16 +4,15 @@ All three are *relative*, so the same default weights work for any network's fea
 (ImageNet VGG19, the HED-trained VGG16, random weights). For layer l with layer weight w_l
 (normalised to sum to 1) and image blend weights b_i (normalised to sum to 1):
 
-    content(x) = sum_l w_l * sum_i b_i * ||F_l(x) - F_l(c_i)||^2 / sum_i b_i ||F_l(c_i)||^2
-    style(x)   = sum_l w_l * sum_j b_j * ||G_l(x) - G_l(s_j)||^2 / sum_j b_j ||G_l(s_j)||^2
+    content(x) = sum_l w_l * sum_i b_i * ||F_l(x) - F_l(c_i)||^2 / ||F_l(c_i)||^2
+    style(x)   = sum_l w_l * sum_j b_j * ||G_l(x) - G_l(s_j)||^2 / ||G_l(s_j)||^2
     G_l(y)     = F_l(y) F_l(y)^T / (C_l * N_l)         (gramstyle.kernels.gram's default scale)
     tv(x)      = mean((x[:, :, 1:, :] - x[:, :, :-1, :])^2) + mean((x[..., 1:] - x[..., :-1])^2)
 
 with F_l(y) the [C_l, N_l] feature map (N_l = H_l * W_l) and x in [0, 1] RGB.
 
-A blend of targets is evaluated with one kernel call per layer, using
-sum_i b_i ||X - T_i||^2 = ||X - T̄||^2 + sum_i b_i ||T_i||^2 - ||T̄||^2 with T̄ = sum_i b_i T_i,
-so several styles cost no more than one.
+A blend of targets is evaluated with one kernel call per layer against a weighted mean
+target plus a constant (see :class:`BlendedTarget`), so several styles cost no more than one.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ import torch
 
 from gramstyle import kernels
 
+_TINY = torch.finfo(torch.float32).tiny
+
 
 def _normalised(weights: Sequence[float]) -> list[float]:
     total = float(sum(weights))
@@ -33,25 +34,31 @@ def _normalised(weights: Sequence[float]) -> list[float]:
 
 @dataclass
 class BlendedTarget:
-    """A blend of per-image targets for one layer, reduced to what the loss needs.
+    """A blend of per-image targets T_i for one layer, reduced to one target.
 
-    ``mean`` is T̄ = sum_i b_i T_i; ``offset`` = mean_entries(sum_i b_i T_i^2 - T̄^2) turns the
-    squared error against T̄ into the blended squared error; ``norm`` = mean_entries(sum_i
-    b_i T_i^2) is the normaliser.
+    The blended relative loss sum_i b_i ||X - T_i||^2 / ||T_i||^2 equals
+    ``scale * (mean((X - mean)^2) + offset)``, with c_i = b_i / mean(T_i^2),
+    scale = sum_i c_i, mean = sum_i c_i T_i / scale and
+    offset = sum_i (c_i / scale) mean(T_i^2) - mean(mean^2) (a constant).
     """
 
     mean: torch.Tensor
     offset: float
-    norm: float
+    scale: float
 
     @classmethod
     def blend(cls, targets: Sequence[torch.Tensor], weights: Sequence[float]) -> BlendedTarget:
-        b = _normalised(weights)
         targets = [t.float() for t in targets]
-        mean = sum(w * t for w, t in zip(b, targets, strict=True))
-        second = sum(w * t.pow(2).mean().item() for w, t in zip(b, targets, strict=True))
-        return cls(mean=mean, offset=second - mean.pow(2).mean().item(),
-                   norm=max(second, torch.finfo(torch.float32).tiny))
+        second = [max(t.pow(2).mean().item(), _TINY) for t in targets]
+        c = [b / n for b, n in zip(_normalised(weights), second, strict=True)]
+        scale = sum(c)
+        mean = sum(ci / scale * t for ci, t in zip(c, targets, strict=True))
+        offset = sum(ci / scale * n for ci, n in zip(c, second, strict=True))
+        return cls(mean=mean, offset=offset - mean.pow(2).mean().item(), scale=scale)
+
+    def loss(self, mse: torch.Tensor) -> torch.Tensor:
+        """The blended relative loss, given mean((X - self.mean)^2)."""
+        return self.scale * (mse.float() + self.offset)
 
 
 class ContentLoss:
@@ -66,8 +73,7 @@ class ContentLoss:
         """Per-layer (unweighted) losses, as 0-dim float32 tensors."""
         out = {}
         for name, target in self.targets.items():
-            mse = (features[name].float() - target.mean).pow(2).mean()
-            out[name] = (mse + target.offset) / target.norm
+            out[name] = target.loss((features[name].float() - target.mean).pow(2).mean())
         return out
 
 
@@ -89,7 +95,7 @@ class StyleLoss:
         out = {}
         for name, target in self.targets.items():
             mse = kernels.style_loss(features[name], target.mean.to(features[name].dtype))
-            out[name] = (mse.float() + target.offset) / target.norm
+            out[name] = target.loss(mse)
         return out
 
 

@@ -54,6 +54,14 @@ def _check_size(width: int, height: int, field: str, max_pixels: int | None) -> 
         )
 
 
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk; Pillow refuses to open zero-size PNGs at all,
+    and this lets the error say why."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def load_image(
     source: ImageSource, field: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
@@ -102,8 +110,13 @@ def load_image(
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(field, f"image too large to decode ({what}): {exc}") from exc
+        # Pillow's own guard fires before our check for truly huge headers.
+        raise ImageError(field, f"image has over {2 * Image.MAX_IMAGE_PIXELS} pixels, over the "
+                                f"limit of {max_pixels} pixels ({what})") from exc
     except UnidentifiedImageError as exc:
+        size = _png_header_size(data)
+        if size is not None and 0 in size:
+            raise ImageError(field, f"zero-size image ({size[0]}x{size[1]})") from exc
         raise ImageError(field, f"cannot decode image ({what}): not a PNG, JPEG, WebP or other "
                                 "supported image") from exc
     except (OSError, ValueError, SyntaxError) as exc:

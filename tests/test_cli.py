@@ -1,0 +1,111 @@
+"""The local CLI: end to end, and every bad input exits 2 naming the option, writing nothing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gramstyle.client.cli import flag_message, main
+
+SMALL = ["--size", "64", "--iterations", "3", "--arch", "vgg19", "--weights", "random",
+         "--device", "cpu", "--quiet"]
+
+
+def test_console_script_end_to_end(tmp_path, images, vgg16_weights):
+    exe = shutil.which("gramstyle") or shutil.which("gramstyle", path=Path(sys.executable).parent)
+    assert exe, "the gramstyle console script is not installed"
+    out, sheet = tmp_path / "out.png", tmp_path / "sheet.png"
+    proc = subprocess.run(
+        [exe, "stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+         "-o", str(out), "--size", "80", "--iterations", "12", "--arch", "vgg16",
+         "--weights", str(vgg16_weights), "--device", "cpu", "--save-every", "5",
+         "--progress-every", "4", "--progress-sheet", str(sheet)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out} (80x53) after 12 iterations" in proc.stdout
+    assert "12/12" in proc.stderr  # the tqdm bar
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (80, 53)
+        assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
+    assert sorted(p.name for p in tmp_path.glob("out_*.png")) == ["out_0005.png",
+                                                                  "out_0010.png"]
+    with Image.open(sheet) as image:
+        # iterations 0, 4, 8, 12 and the content image, each in a 192 px tile.
+        assert image.width > 5 * 192 and image.height > 100
+
+
+def test_two_contents_two_styles_and_jpeg(tmp_path, images, capsys):
+    out = tmp_path / "out.jpg"
+    code = main(["stylize", "--content", str(images["cat"]), "--content", str(images["coffee"]),
+                 "--content-weights", "0.5,0.5", "--style", str(images["starry"]),
+                 "--style", str(images["scream"]), "--style-weights", "1,3", "-o", str(out),
+                 *SMALL])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as image:
+        assert image.format == "JPEG" and image.size == (64, 43)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iterations", "0"], "--iterations: must be between 1 and"),
+    (["--size", "5000"], "--size: must be an integer between 16 and 2048 pixels, got 5000"),
+    (["--style-layers", "relu1_1,relu9_1"], "--style-layers: unknown layer 'relu9_1'"),
+    (["--content-layers", "nope"], "--content-layers: unknown layer 'nope'"),
+    (["--style-weights", "1,1"], "--style-weights: expected 1 value(s)"),
+    (["--content", "{tmp}/missing.png"], "--content #2: file not found: '{tmp}/missing.png'"),
+    (["--style", "{tmp}/corrupt.jpg"], "--style #2: corrupt or truncated image"),
+    (["--style", "{tmp}/empty.png"], "--style #2: empty image"),
+    (["--style", "{tmp}"], "--style #2: is a directory"),
+    (["--weights", "{tmp}/missing.pth"], "--weights: file not found: '{tmp}/missing.pth'"),
+    (["--weights", "{tmp}/bad.pth"], "--weights: '{tmp}/bad.pth' does not match vgg19"),
+    (["-o", "{tmp}/no/such/out.png"], "--output: folder does not exist: '{tmp}/no/such'"),
+    (["-o", "{tmp}/out.gif"], "--output: unsupported output file type '{tmp}/out.gif'"),
+])
+def test_bad_input_exits_2_naming_the_option(tmp_path, images, capsys, args, message):
+    import torch
+
+    (tmp_path / "corrupt.jpg").write_bytes(images["starry"].read_bytes()[:300])
+    (tmp_path / "empty.png").write_bytes(b"")
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = tmp_path / "out.png"
+    output = [] if "-o" in args else ["-o", str(out)]
+    code = main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 *output, *SMALL, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.format(tmp=tmp_path) in err
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--style-weight", "nan"], "--style-weight: must be a finite number >= 0, got 'nan'"),
+    (["--content-weight", "-1"], "--content-weight: must be a finite number >= 0, got '-1'"),
+    (["--style-layer-weights", "1,x"], "--style-layer-weights: 'x' is not a number"),
+    (["--arch", "resnet"], "--arch: invalid choice: 'resnet'"),
+])
+def test_argparse_level_errors_exit_2(tmp_path, images, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+              "-o", str(tmp_path / "o.png"), *SMALL, *args])
+    assert info.value.code == 2
+    assert message.split(": ", 1)[1] in capsys.readouterr().err
+
+
+def test_flag_message_translation():
+    assert flag_message("content[1]: file not found") == "--content #2: file not found"
+    assert flag_message("style_blend_weights: bad") == "--style-weights: bad"
+    assert flag_message("learning_rate: diverged") == "--lr: diverged"
+    assert flag_message("no field here") == "no field here"
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    from gramstyle import kernels
+    assert out.startswith("gramstyle ") and f"kernel    {kernels.backend()}" in out

@@ -1,0 +1,384 @@
+"""The engine: extractor layers and weights, losses, optimisation, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from gramstyle import kernels
+from gramstyle.images import load_image, resize_long_side
+from gramstyle.server import StyleOptions, StyleTransfer
+from gramstyle.server.engine import preserve_colors, to_tensor
+from gramstyle.server.extractor import VGGFeatures, WeightsError, imagenet_weights_path
+
+
+def small(path, size=64) -> Image.Image:
+    return resize_long_side(load_image(path), size)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64) / 255
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    return 10 * math.log10(1 / ((pixels(a) - pixels(b)) ** 2).mean())
+
+
+# ----------------------------------------------------------------- the lecture's worked examples
+
+def test_lecture_gram_example():
+    v = torch.tensor([[4.0, 0, 3, 1], [3, 0, 1, 2], [4, 5, 0, 3]])
+    expected = torch.tensor([[26.0, 17, 19], [17, 14, 18], [19, 18, 50]])
+    assert torch.equal(kernels.gram(v[None], scale=1.0)[0], expected)
+    # Default normalisation is 1/(C*N) = 1/12.
+    torch.testing.assert_close(kernels.gram(v[None])[0], expected / 12)
+
+
+def test_inputs_are_variables():
+    """The lecture's y = 2(x1+x2+x3+x4): an input that requires grad gets dy/dxi = 2."""
+    x = torch.ones(4, requires_grad=True)
+    (2 * x.sum()).backward()
+    assert torch.equal(x.grad, torch.full((4,), 2.0))
+
+
+# ----------------------------------------------------------------- extractor
+
+@pytest.mark.parametrize("arch", ["vgg19", "vgg16"])
+def test_layer_names_match_torchvision(arch):
+    reference = getattr(torchvision.models, arch)().features
+    net = VGGFeatures(arch, "random")
+    assert len(net.layer_names) == len(reference)
+    kinds = {"conv": torch.nn.Conv2d, "relu": torch.nn.ReLU, "pool": torch.nn.MaxPool2d}
+    for name, module in zip(net.layer_names, reference, strict=True):
+        assert isinstance(module, kinds[name[:4]]), (name, module)
+    # The lecture's nn.Sequential picture: conv 0, relu 1, conv 2, relu 3, pool 4, conv 5.
+    assert net.layer_names[:6] == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1",
+                                   "conv2_1"]
+    assert net.resolve("5") == "conv2_1" and net.resolve(1) == "relu1_1"
+    last = "pool5"
+    assert net.layer_names[-1] == last
+    if arch == "vgg19":
+        assert len(net.layer_names) == 37 and net.layer_names[35] == "relu5_4"
+        assert net.resolve("21") == "conv4_2" and net.resolve("22") == "relu4_2"
+
+
+def test_extractor_runs_only_to_deepest_layer_and_matches_torchvision():
+    net = VGGFeatures("vgg19", "random", seed=3)
+    reference = torchvision.models.vgg19().features
+    reference.load_state_dict(net.layers.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    normalised = (x - net.mean) / net.std
+    out = net(x, ["relu2_1", "conv1_1"])
+    assert set(out) == {"relu2_1", "conv1_1"}
+    torch.testing.assert_close(out["relu2_1"], reference[:7](normalised), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["conv1_1"], reference[:1](normalised), rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def test_random_weights_are_seeded():
+    a, b, c = (VGGFeatures("vgg19", "random", seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.layers[0].weight, b.layers[0].weight)
+    assert not torch.equal(a.layers[0].weight, c.layers[0].weight)
+
+
+def test_avg_pooling():
+    net = VGGFeatures("vgg16", "random", pooling="avg")
+    assert isinstance(net.layers[4], torch.nn.AvgPool2d)
+
+
+def test_loads_shared_vgg16(vgg16_weights):
+    net = VGGFeatures("vgg16", str(vgg16_weights))
+    state = torch.load(vgg16_weights, weights_only=True)
+    assert torch.equal(net.layers[28].weight, state["28.weight"])
+
+
+def test_loads_whole_vgg_state_dict(tmp_path):
+    model = torchvision.models.vgg16()
+    torch.save(model.state_dict(), tmp_path / "whole.pth")
+    net = VGGFeatures("vgg16", str(tmp_path / "whole.pth"))
+    assert torch.equal(net.layers[0].weight, model.features[0].weight)
+
+
+def test_wrong_shape_weights_file(tmp_path):
+    state = torchvision.models.vgg16().features.state_dict()
+    state["2.weight"] = torch.zeros(64, 32, 3, 3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=r"weights: .*'2.weight' has shape \(64, 32, 3, 3\), "
+                                           r"expected \(64, 64, 3, 3\)"):
+        VGGFeatures("vgg16", str(tmp_path / "bad.pth"))
+
+
+def test_wrong_keys_weights_file(tmp_path, vgg16_weights):
+    # The VGG16 file has 13 convs; VGG19 needs 16.
+    with pytest.raises(WeightsError, match=r"weights: .* does not match vgg19 .*missing keys"):
+        VGGFeatures("vgg19", str(vgg16_weights))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "keys.pth")
+    with pytest.raises(WeightsError, match=r"unexpected keys \['conv.weight'\]"):
+        VGGFeatures("vgg16", str(tmp_path / "keys.pth"))
+
+
+def test_weights_file_missing_or_not_a_state_dict(tmp_path):
+    with pytest.raises(WeightsError, match=r"weights: file not found: '.*nope.pth'"):
+        VGGFeatures("vgg16", str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match=r"weights: cannot load '.*junk.pth'"):
+        VGGFeatures("vgg16", str(tmp_path / "junk.pth"))
+
+
+def test_imagenet_weights_from_cache_work_offline(tmp_path, monkeypatch):
+    """The real ImageNet path: torchvision's cache file is used when present."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = imagenet_weights_path("vgg16")
+    assert path == tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    model = torchvision.models.vgg16()
+    path.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), path)
+    net = VGGFeatures("vgg16", "imagenet")
+    assert torch.equal(net.layers[0].weight, model.features[0].weight)
+
+
+def test_imagenet_unavailable_names_file_and_alternatives(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as info:
+        VGGFeatures("vgg19", "imagenet")
+    message = str(info.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in message
+    assert "--weights random" in message and "--weights PATH" in message
+
+
+# ----------------------------------------------------------------- optimisation
+
+def test_inversion_through_relu1_1_of_random_vgg19(random_engine, images):
+    """The lecture's RandomNet experiment: noise -> relu1_1 features -> the image again."""
+    target = small(images["cat"])
+    options = StyleOptions(size=64, content_layers=("relu1_1",), style_weight=0, init="noise",
+                           iterations=100)
+    result = random_engine.stylize([target], [], options)
+    assert result.image.size == target.size
+    assert psnr(result.image, target) > 30
+
+
+def test_deep_layers_lose_detail(random_engine, images):
+    """Shallow layers reproduce the image almost exactly; deeper ones less so."""
+    target = small(images["cat"])
+    quality = {}
+    for layer in ("relu1_1", "relu3_1"):
+        options = StyleOptions(size=64, content_layers=(layer,), style_weight=0, init="noise",
+                               iterations=60)
+        quality[layer] = psnr(random_engine.stylize([target], [], options).image, target)
+    assert quality["relu1_1"] > quality["relu3_1"] + 5
+
+
+def test_losses_decrease_and_progress_reports(hed_engine, images):
+    seen = []
+    options = StyleOptions(size=64, iterations=20, progress_every=5)
+    result = hed_engine.stylize([images["cat"]], [images["starry"]], options,
+                                progress=seen.append, preview=True)
+    assert [p.iteration for p in seen] == [0, 5, 10, 15, 20]
+    assert all(p.image.size == result.image.size for p in seen)
+    assert seen[0].losses.content == pytest.approx(0, abs=1e-6)  # init = content
+    assert seen[-1].losses.total < 0.5 * seen[0].losses.total
+    assert seen[-1].losses == result.losses
+    assert set(result.losses.style_layers) == set(options.style_layers)
+    assert result.losses.total == pytest.approx(
+        options.content_weight * result.losses.content + options.style_weight
+        * result.losses.style + options.tv_weight * result.losses.tv, rel=1e-5)
+    assert result.image.size == (64, 43) and result.iterations == 20
+
+
+def test_adam_and_bf16_reduce_the_loss(random_engine, images):
+    for options in (StyleOptions(size=48, iterations=15, optimizer="adam", learning_rate=0.05),
+                    StyleOptions(size=48, iterations=8, precision="bf16")):
+        seen = []
+        random_engine.stylize([images["cat"]], [images["starry"]], options, progress=seen.append)
+        assert seen[-1].losses.total < seen[0].losses.total, options
+
+
+def test_two_content_targets(random_engine, images):
+    """One image pulled toward two targets ends nearer to each than to an unrelated image."""
+    a, b = small(images["cat"]), small(images["coffee"]).resize((64, 43))
+    unrelated = small(images["rocket"]).resize((64, 43))
+    options = StyleOptions(size=64, content_layers=("relu2_1",), style_weight=0, init="noise",
+                           iterations=60, content_blend_weights=(0.5, 0.5))
+    out = random_engine.stylize([a, b], [], options).image
+    d = {name: ((pixels(out) - pixels(im)) ** 2).mean()
+         for name, im in (("a", a), ("b", b), ("unrelated", unrelated))}
+    assert d["a"] < d["unrelated"] and d["b"] < d["unrelated"], d
+
+
+def test_blended_styles_match_per_style_losses(hed_engine, images):
+    """The blended style loss equals the weighted sum of the per-style losses."""
+    cat, starry, scream = images["cat"], images["starry"], images["scream"]
+    single = {s: hed_engine.compute_losses(small(cat), [cat], [s], StyleOptions(size=64))
+              .losses.style for s in (starry, scream)}
+    blend = hed_engine.compute_losses(
+        small(cat), [cat], [starry, scream],
+        StyleOptions(size=64, style_blend_weights=(0.25, 0.75))).losses.style
+    assert blend == pytest.approx(0.25 * single[starry] + 0.75 * single[scream], rel=1e-4)
+
+
+def test_several_styles_optimise_toward_the_blend(hed_engine, images):
+    options = StyleOptions(size=48, iterations=15, style_blend_weights=(1, 1))
+    styles = [images["starry"], images["scream"]]
+    result = hed_engine.stylize([images["cat"]], styles, options)
+    before = hed_engine.compute_losses(small(images["cat"], 48), [images["cat"]], styles,
+                                       options).losses.style
+    assert result.losses.style < 0.7 * before
+
+
+def test_texture_synthesis_without_content(random_engine, images):
+    options = StyleOptions(size=48, content_weight=0, init="noise", iterations=10)
+    result = random_engine.stylize([], [images["starry"]], options)
+    assert result.image.size == (48, 30)  # the style image's aspect ratio
+    assert result.losses.content == 0
+
+
+def test_seed_determinism(random_engine, images):
+    options = StyleOptions(size=48, iterations=5, init="noise", seed=7)
+    run = lambda o: pixels(random_engine.stylize([images["cat"]], [images["starry"]], o).image)  # noqa: E731
+    first, second = run(options), run(options)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, run(StyleOptions(size=48, iterations=5, init="noise",
+                                                      seed=8)))
+
+
+def test_init_style_and_image(random_engine, images):
+    for init, extra in (("style", {}), ("image", {"init_image": images["coffee"]})):
+        result = random_engine.stylize([images["cat"]], [images["starry"]],
+                                       StyleOptions(size=40, iterations=2, init=init), **extra)
+        assert result.image.size == (40, 27)
+
+
+def test_preserve_colors_keeps_content_chroma(random_engine, images):
+    options = StyleOptions(size=48, iterations=5, preserve_colors=True)
+    result = random_engine.stylize([images["cat"]], [images["starry"]], options)
+    content = small(images["cat"], 48)
+    # Re-applying colour preservation changes nothing: the chroma already is the content's.
+    out, ref = to_tensor(result.image, "cpu"), to_tensor(content, "cpu")
+    torch.testing.assert_close(preserve_colors(out, ref), out, atol=0.02, rtol=0)
+
+
+def test_style_scale_changes_style_target(random_engine, images):
+    def style_loss(scale):
+        return random_engine.compute_losses(
+            small(images["cat"]), [images["cat"]], [images["starry"]],
+            StyleOptions(style_scale=scale)).losses.style
+    assert style_loss(0.5) != pytest.approx(style_loss(2.0), rel=1e-3)
+
+
+def test_compute_losses_gradient_matches_finite_difference(random_engine, images):
+    candidate = small(images["coffee"], 32)
+    options = StyleOptions(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
+    report = random_engine.compute_losses(candidate, [images["cat"]], [images["starry"]],
+                                          options, gradient=True)
+    assert report.gradient.shape == (3, candidate.height, candidate.width)
+    assert report.gradient.dtype == np.float32 and np.abs(report.gradient).max() > 0
+    # Directional derivative along the gradient, by central differences in float32.
+    problem = random_engine._prepare([load_image(images["cat"])],
+                                     [load_image(images["starry"])],
+                                     random_engine._options(options), size=candidate.size)
+    x = to_tensor(candidate, "cpu")
+    direction = torch.from_numpy(report.gradient.copy())[None]
+    direction /= direction.norm()
+    eps = 1e-2
+    plus, _ = random_engine._evaluate(problem, x + eps * direction, options)
+    minus, _ = random_engine._evaluate(problem, x - eps * direction, options)
+    numeric = (plus - minus).item() / (2 * eps)
+    analytic = float(np.sum(report.gradient * direction[0].numpy()))
+    assert numeric == pytest.approx(analytic, rel=0.05)
+
+
+BACKEND_SCRIPT = """
+import json, sys
+from gramstyle.images import load_image, resize_long_side
+from gramstyle.server import StyleOptions, StyleTransfer
+candidate, content, style = sys.argv[1:4]
+engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
+report = engine.compute_losses(resize_long_side(load_image(candidate), 64), [content], [style],
+                               StyleOptions(), gradient=True)
+print(json.dumps([engine.backend, report.losses.style_layers, report.losses.content,
+                  float(abs(report.gradient).sum())]))
+"""
+
+
+def test_losses_agree_across_kernel_backends(images):
+    """The engine gives the same losses and gradient whether the fused op or einsum runs."""
+    results = {}
+    for kernel in ("default", "einsum"):
+        env = dict(os.environ, GRAMSTYLE_KERNEL=kernel) if kernel == "einsum" else None
+        out = subprocess.run(
+            [sys.executable, "-c", BACKEND_SCRIPT, str(images["coffee"]), str(images["cat"]),
+             str(images["starry"])], env=env, capture_output=True, text=True, check=True)
+        results[kernel] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["einsum"][0] == "einsum"
+    assert results["default"][0] == kernels.backend()
+    for layer, value in results["einsum"][1].items():
+        assert results["default"][1][layer] == pytest.approx(value, rel=1e-4), layer
+    assert results["default"][2] == pytest.approx(results["einsum"][2], rel=1e-6)
+    assert results["default"][3] == pytest.approx(results["einsum"][3], rel=1e-3)
+
+
+# ----------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"iterations": 0}, r"iterations: must be between 1 and \d+, got 0"),
+    ({"iterations": -3}, r"iterations: .* got -3"),
+    ({"size": 100000}, r"size: must be an integer between 16 and 2048 pixels, got 100000"),
+    ({"style_weight": -1.0}, r"style_weight: must be a finite number >= 0, got -1.0"),
+    ({"content_weight": float("nan")}, r"content_weight: .* got nan"),
+    ({"style_layer_weights": (1, 1, float("nan"), 1, 1)},
+     r"style_layer_weights\[2\]: must be a finite number >= 0, got nan"),
+    ({"style_layers": ("relu1_1", "relu9_9")}, r"style_layers: unknown layer 'relu9_9'"),
+    ({"content_layers": ("99",)}, r"content_layers: unknown layer '99'"),
+    ({"optimizer": "sgd"}, r"optimizer: must be one of lbfgs, adam, got 'sgd'"),
+    ({"style_blend_weights": (1.0, 2.0)}, r"style_blend_weights: expected 1 value"),
+    ({"style_blend_weights": (-1.0,)}, r"style_blend_weights\[0\]: .* got -1.0"),
+])
+def test_bad_options(random_engine, images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        random_engine.stylize([images["cat"]], [images["starry"]],
+                              StyleOptions(iterations=kwargs.pop("iterations", 1), **kwargs))
+
+
+def test_bad_images(random_engine, images, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(images["cat"].read_bytes()[:200])
+    cases = [
+        ([tmp_path / "missing.png"], [images["starry"]], r"content\[0\]: file not found"),
+        ([images["cat"]], [b"not an image"], r"style\[0\]: cannot decode image"),
+        ([images["cat"]], [b""], r"style\[0\]: empty image"),
+        ([corrupt], [images["starry"]], r"content\[0\]: corrupt or truncated image"),
+        ([images["cat"]], [Image.new("RGB", (0, 5))], r"style\[0\]: zero-size image \(0x5\)"),
+        ([images["cat"], tmp_path], [images["starry"]], r"content\[1\]: is a directory"),
+    ]
+    for content, style, message in cases:
+        with pytest.raises(ValueError, match=message):
+            random_engine.stylize(content, style, StyleOptions(iterations=1))
+
+
+def test_image_over_pixel_limit_rejected_before_decoding(images):
+    engine = StyleTransfer(arch="vgg16", weights="random", device="cpu", max_pixels=100 * 100)
+    with pytest.raises(ValueError, match=r"content\[0\]: image is 451x300 = 135300 pixels, "
+                                         r"over the limit of 10000 pixels"):
+        engine.stylize([images["cat"]], [images["starry"]], StyleOptions(iterations=1))
+
+
+def test_missing_images_for_nonzero_weights(random_engine, images):
+    with pytest.raises(ValueError, match=r"style: at least one style image is needed"):
+        random_engine.stylize([images["cat"]], [], StyleOptions(iterations=1))
+    with pytest.raises(ValueError, match=r"content: at least one content image is needed"):
+        random_engine.stylize([], [images["starry"]], StyleOptions(iterations=1))
