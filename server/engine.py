@@ -325,7 +325,6 @@ class StyleTransfer:
         problem = self._prepare(contents, styles, options)
         x = self._initial(problem, options, init).requires_grad_(True)
 
-        torch.manual_seed(options.seed)
         if options.optimizer == "lbfgs":
             optimizer = torch.optim.LBFGS([x], lr=options.learning_rate or 1.0, max_iter=1,
                                           history_size=100, tolerance_grad=0.0,
