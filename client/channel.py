@@ -66,7 +66,7 @@ def normalize_target(target: str | Sequence[str]) -> str:
 
 
 def service_config(retries: int = 4) -> str:
-    """The JSON service config: round_robin, client-side health checking, UNAVAILABLE retries.
+    """The JSON service config: round_robin and retries on UNAVAILABLE.
 
     ``retries`` is the total number of attempts (gRPC caps it at 5); 1 disables retries.
     """
@@ -80,9 +80,11 @@ def service_config(retries: int = 4) -> str:
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
     return json.dumps({
+        # No client-side healthCheckConfig: it keeps a Health/Watch stream open per
+        # connection, which would hold a draining server until its grace period ends. A
+        # draining server refuses new calls (GOAWAY), round_robin drops it and the call is
+        # retried on another replica.
         "loadBalancingConfig": [{"round_robin": {}}],
-        # Skip replicas whose health service says NOT_SERVING (e.g. draining on SIGTERM).
-        "healthCheckConfig": {"serviceName": SERVICE},
         "methodConfig": [method],
     })
 

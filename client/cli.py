@@ -2,10 +2,14 @@
 
     gramstyle stylize --content cat.png --style starry.jpg -o out.png --size 512
     gramstyle info
+    gramstyle losses candidate.png --content cat.png --style starry.jpg
+    gramstyle serve --arch vgg16 --weights vgg16.pth --port 50051
+    gramstyle stylize ... --server localhost:50051      (stylize/info/losses on a server)
 
-Exit codes: 0 success, 2 a caller's mistake (bad option, bad image, bad weights file),
-1 anything else. Errors name the option and the bad value. Nothing half-written is left at
-an output path: files are written atomically at the end.
+Exit codes: 0 success, 2 a caller's mistake (bad option, bad image, bad weights file; for a
+server: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ...), 1 anything else. A server
+error prints its status code name and message. Errors name the option and the bad value.
+Nothing half-written is left at an output path: files are written atomically at the end.
 
 This module must stay importable without torch (client-only install): the engine is
 imported only when a command runs in-process.
@@ -14,6 +18,7 @@ imported only when a command runs in-process.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import re
@@ -22,13 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gramstyle import __version__
-from gramstyle.images import ImageError, check_output_path, save_image
+from gramstyle.client.errors import ServiceError
+from gramstyle.images import ImageError, check_output_path, format_for_path, save_image
 from gramstyle.server.options import (
     ARCHS,
     DEFAULT_CONTENT_LAYERS,
     DEFAULT_STYLE_LAYERS,
     DEVICES,
     INITS,
+    MAX_ITERATIONS,
+    MAX_SIZE,
     OPTIMIZERS,
     POOLINGS,
     PRECISIONS,
@@ -108,15 +116,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: Defaults of the network flags. They are filled in after parsing (the parser's default is
+#: None) so that with --server only the flags actually given are sent: a server picks its own
+#: default model, and --pooling/--device are the server's choice.
+MODEL_DEFAULTS = {"arch": "vgg19", "weights": "imagenet", "pooling": "max", "device": "auto"}
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--arch, --weights, --pooling, --device: which network runs (in-process or `serve`)."""
     group = parser.add_argument_group("network")
-    group.add_argument("--arch", choices=ARCHS, default="vgg19", help="feature extractor")
-    group.add_argument("--weights", default="imagenet",
+    group.add_argument("--arch", choices=ARCHS, help="feature extractor (default: vgg19; with "
+                       "--server: the server's default model)")
+    group.add_argument("--weights",
                        help="imagenet (torchvision download cache), random (seeded RandomNet) "
-                            "or a path to a VGG / VGG-features state_dict (default: imagenet)")
-    group.add_argument("--pooling", choices=POOLINGS, default="max")
-    group.add_argument("--device", choices=DEVICES, default="auto")
+                            "or a path to a VGG / VGG-features state_dict (default: imagenet); "
+                            "with --server: one of the weights the server loaded")
+    group.add_argument("--pooling", choices=POOLINGS, help="max (default) or avg")
+    group.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
+
+
+def model_option(args: argparse.Namespace, name: str) -> str:
+    """The value of a network flag, or its default."""
+    return getattr(args, name, None) or MODEL_DEFAULTS[name]
+
+
+def add_remote_options(parser: argparse.ArgumentParser) -> None:
+    """--server and --timeout: run the command on a gramstyle server instead of in-process."""
+    group = parser.add_argument_group("remote")
+    group.add_argument("--server", metavar="HOST:PORT",
+                       help="run on this gramstyle server (several: comma-separated, balanced "
+                            "round_robin; or a gRPC target such as dns:///host:port)")
+    group.add_argument("--timeout", type=_finite_float, metavar="SECONDS",
+                       help="deadline of the call with --server (default: none)")
+
+
+def _connect(args: argparse.Namespace):
+    """A Client for --server; --pooling/--device are refused (the server chose them)."""
+    from gramstyle.client.client import Client
+
+    for name in ("pooling", "device"):
+        if getattr(args, name, None) is not None:
+            raise CLIError(f"--{name}: is chosen when the server starts (gramstyle serve "
+                           f"--{name}); it cannot be set with --server")
+    try:
+        return Client(args.server, timeout=args.timeout)
+    except ValueError as exc:
+        raise CLIError(f"--server: {exc}".replace("--server: server: ", "--server: ")) from None
 
 
 def add_style_options(parser: argparse.ArgumentParser) -> None:
@@ -210,8 +255,9 @@ def _load_engine(args: argparse.Namespace):
         raise CLIError(f"running in-process needs the server extra (pip install "
                        f"'gramstyle[server]'): {exc}; or pass --server HOST:PORT",
                        EXIT_FAILURE) from exc
-    return StyleTransfer(arch=args.arch, weights=args.weights, pooling=args.pooling,
-                         device=args.device)
+    return StyleTransfer(arch=model_option(args, "arch"), weights=model_option(args, "weights"),
+                         pooling=model_option(args, "pooling"),
+                         device=model_option(args, "device"))
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
@@ -227,11 +273,23 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     if not args.content and not args.style:
         raise CLIError("--content/--style: give at least one image")
 
-    engine = _load_engine(args)
     every = options.progress_every
-    options.progress_every = 1  # the bar moves every iteration; frames are picked below
     frames: list = []
     want_preview = bool(args.save_every or args.progress_sheet)
+    if args.server:
+        # A Client has the engine's stylize() signature and returns the same fields, so the
+        # rest of this function is shared; the bar is fed by the progress stream.
+        client = _connect(args)
+        stylize = functools.partial(
+            client.stylize, output_format=FORMATS_BY_PILLOW[format_for_path(output)],
+            arch=args.arch or "", weights=args.weights or "")
+        # Every progress message with a preview carries an encoded image, so ask for them
+        # only as often as frames are wanted; without previews, messages are tiny.
+        options.progress_every = (math.gcd(every, args.save_every or every) if want_preview
+                                  else 1)
+    else:
+        stylize = _load_engine(args).stylize
+        options.progress_every = 1  # the bar moves every iteration; frames are picked below
 
     with tqdm(total=options.iterations, unit="it", desc="stylize", disable=args.quiet) as bar:
         def on_progress(p) -> None:
@@ -246,8 +304,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             if p.iteration % every == 0 or p.iteration == p.iterations:
                 frames.append((p.iteration, p.image))
 
-        result = engine.stylize(args.content, args.style, options, init_image=args.init_image,
-                                progress=on_progress, preview=want_preview)
+        result = stylize(args.content, args.style, options, init_image=args.init_image,
+                         progress=on_progress, preview=want_preview)
     save_image(result.image, output, "output")
     if args.progress_sheet:
         from gramstyle.client.progress_sheet import save_progress_sheet
@@ -264,7 +322,13 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions, the device and the kernel backend of this install."""
+    """Print versions, the device and the kernel backend of this install (or of --server)."""
+    if args.server:
+        from gramstyle.client.report import format_server_info
+
+        with _connect(args) as client:
+            print(format_server_info(client.server_info(), client.target))
+        return EXIT_OK
     print(f"gramstyle {__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
     try:
@@ -280,6 +344,150 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"device    {device}, {torch.get_num_threads()} CPU threads")
     print(f"kernel    {kernels.backend()}")
     return EXIT_OK
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    """Print the loss table of a candidate image (in-process, or on --server)."""
+    from gramstyle.client.report import format_losses
+
+    options = StyleOptions(**style_options_from_args(args)).validated()
+    loss_options = {name: getattr(options, name) for name in LOSS_FIELDS}
+    if args.gradient:
+        check_output_path_npy(args.gradient)
+        try:
+            import numpy  # noqa: F401
+        except ImportError:
+            raise CLIError("--gradient: saving the gradient needs numpy (pip install numpy)",
+                           EXIT_FAILURE) from None
+    if args.server:
+        with _connect(args) as client:
+            report = client.compute_losses(
+                args.candidate, args.content, args.style, gradient=bool(args.gradient),
+                arch=args.arch or "", weights=args.weights or "", **loss_options)
+        where = f"{report.device} on {client.target}, kernel {report.backend}"
+        size = (report.width, report.height) if report.width else None
+    else:
+        engine = _load_engine(args)
+        report = engine.compute_losses(args.candidate, args.content, args.style, options,
+                                       gradient=bool(args.gradient))
+        where = f"{engine.device}, kernel {engine.backend}"
+        size = None
+    print(format_losses(report.losses, {"content": options.content_weight,
+                                        "style": options.style_weight,
+                                        "tv": options.tv_weight}))
+    if args.gradient:
+        import numpy as np
+
+        gradient = report.gradient
+        np.save(args.gradient, gradient)
+        size = size or (gradient.shape[2], gradient.shape[1])
+        print(f"gradient  d total / d pixel, float32 {list(gradient.shape)}, L2 norm "
+              f"{float(np.linalg.norm(gradient)):.6g}, max |g| {float(np.abs(gradient).max()):.6g}"
+              f" -> {args.gradient}")
+    print(f"computed on {where}" + (f" for a {size[0]}x{size[1]} candidate" if size else ""))
+    return EXIT_OK
+
+
+#: The StyleOptions fields that affect ComputeLosses.
+LOSS_FIELDS = ("content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
+               "content_blend_weights", "style_blend_weights", "content_weight", "style_weight",
+               "tv_weight", "style_scale", "precision")
+
+#: Pillow format name -> the client's output_format name.
+FORMATS_BY_PILLOW = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
+def check_output_path_npy(path: str) -> None:
+    """--gradient writes a NumPy .npy file; check the suffix and folder before any work."""
+    if not path.endswith(".npy"):
+        raise CLIError(f"--gradient: the file name must end in .npy, got {path!r}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise CLIError(f"--gradient: folder does not exist: {str(folder)!r}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model once and serve gramstyle.v1.StyleTransfer until SIGTERM."""
+    try:
+        from gramstyle.server.serve import ServeConfig, configure_logging, run
+    except ImportError as exc:
+        raise CLIError(f"serve needs the server extra (pip install 'gramstyle[server]'): {exc}",
+                       EXIT_FAILURE) from exc
+    for flag, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1),
+                             ("--queue-size", args.queue_size, 0),
+                             ("--max-pixels", args.max_pixels, 1),
+                             ("--max-size", args.max_size, 16),
+                             ("--max-iterations", args.max_iterations, 1),
+                             ("--max-message-mb", args.max_message_mb, 1)):
+        if value < low:
+            raise CLIError(f"{flag}: must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise CLIError(f"--port: must be <= 65535, got {args.port}")
+    configure_logging(args.log_level)
+    config = ServeConfig(
+        host=args.host, port=args.port, arch=model_option(args, "arch"),
+        weights=(model_option(args, "weights"),), pooling=model_option(args, "pooling"),
+        device=model_option(args, "device"), max_pixels=args.max_pixels,
+        max_size=min(args.max_size, MAX_SIZE), max_iterations=args.max_iterations,
+        max_message_bytes=args.max_message_mb * 2**20, workers=args.workers,
+        queue_size=args.queue_size, grace_s=args.grace, metrics_port=args.metrics_port)
+    try:
+        return run(config)
+    except OSError as exc:  # port in use
+        raise CLIError(f"--port: {exc}", EXIT_FAILURE) from None
+
+
+def add_serve_parser(sub) -> None:
+    from gramstyle.images import DEFAULT_MAX_PIXELS
+
+    p = sub.add_parser("serve", help="run the gRPC server (gramstyle.v1.StyleTransfer)",
+                       description="Load the model once and serve Stylize, ComputeLosses and "
+                                   "GetServerInfo, plus grpc.health.v1 and reflection. Prints "
+                                   "one 'ready' line; SIGTERM drains and exits 0.")
+    add_model_options(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="[::]", help="address to listen on (default: all, "
+                   "IPv4 and IPv6; 127.0.0.1 for this machine only)")
+    g.add_argument("--port", type=int, default=50051,
+                   help="port (default 50051; 0 picks a free one and prints it)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="optimisations run at once (default 1; on CPU one run already uses "
+                        "every core)")
+    g.add_argument("--queue-size", type=int, default=4,
+                   help="requests that may wait for a worker; beyond that the server answers "
+                        "RESOURCE_EXHAUSTED at once (default 4)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest width*height of any input image, checked from the header "
+                        f"before decoding (default {DEFAULT_MAX_PIXELS})")
+    g.add_argument("--max-size", type=int, default=MAX_SIZE,
+                   help=f"largest output long side in pixels (default and most {MAX_SIZE})")
+    g.add_argument("--max-iterations", type=int, default=MAX_ITERATIONS,
+                   help=f"most iterations per request (default {MAX_ITERATIONS})")
+    g.add_argument("--max-message-mb", type=int, default=64,
+                   help="gRPC send/receive message limit in MiB (default 64: a 2048 px PNG "
+                        "each way, several input images, or a 2048 px gradient)")
+    g.add_argument("--grace", type=_finite_float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight calls may take to finish (default 30)")
+    g.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    g.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.set_defaults(func=cmd_serve)
+
+
+def add_losses_parser(sub) -> None:
+    p = sub.add_parser("losses", help="print the losses of a candidate image (and its "
+                       "gradient), without optimising",
+                       description="Content, style, tv and total losses of CANDIDATE against "
+                                   "the content and style targets, with a per-layer table. "
+                                   "Content images are resized to the candidate's size.")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the image to score")
+    add_style_options(p)
+    add_model_options(p)
+    add_remote_options(p)
+    p.add_argument("--gradient", metavar="FILE.npy",
+                   help="also compute d total / d pixel and save it (float32 [3,H,W])")
+    p.set_defaults(func=cmd_losses)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,9 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress-sheet", metavar="PNG",
                    help="write the initial, intermediate and final images side by side")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_remote_options(p)
     p.set_defaults(func=cmd_stylize)
 
-    p = sub.add_parser("info", help="print versions, device and kernel backend")
+    add_losses_parser(sub)
+    add_serve_parser(sub)
+
+    p = sub.add_parser("info", help="print versions, device and kernel backend (or a "
+                       "server's models, layers and limits)")
+    add_remote_options(p)
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -317,6 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
         return exc.code
+    except ServiceError as exc:
+        # The server's message already names the request field; keep it verbatim.
+        print(f"gramstyle: error: server answered {exc.code.name}: {exc.message}",
+              file=sys.stderr)
+        return EXIT_USAGE if exc.caller_mistake else EXIT_FAILURE
     except (ValueError, ImageError) as exc:
         print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

@@ -47,18 +47,21 @@ class Losses:
 class Progress:
     """One progress message: the state after ``iteration`` of ``iterations`` iterations
     (0 is the start image). ``preview_bytes`` holds the encoded preview when one was asked
-    for; ``image`` decodes it."""
+    for; ``image`` decodes it (once)."""
 
     iteration: int
     iterations: int
     losses: Losses
     elapsed_s: float
-    preview_bytes: bytes | None = None
+    preview_bytes: bytes | None = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False, compare=False)
 
     @property
     def image(self) -> Image.Image | None:
-        """The preview as a PIL image (decoded on each access), or None."""
-        return _decode(self.preview_bytes) if self.preview_bytes else None
+        """The preview as a PIL image, or None when previews were not asked for."""
+        if self._image is None and self.preview_bytes:
+            self._image = _decode(self.preview_bytes)
+        return self._image
 
     @classmethod
     def from_proto(cls, m: pb.Progress) -> Progress:
