@@ -206,7 +206,11 @@ def add_optimiser_options(parser: argparse.ArgumentParser) -> None:
                    help="start image: content, seeded noise, style, or --init-image")
     g.add_argument("--init-image", metavar="IMAGE", help="start image for --init image")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--iterations", type=int, default=d.iterations)
+    g.add_argument("--iterations", type=int, default=d.iterations,
+                   help=f"optimiser steps (per scale; default {d.iterations})")
+    g.add_argument("--scales", type=int, default=d.scales,
+                   help="coarse-to-fine: optimise at N sizes growing by sqrt(2) up to --size, "
+                        "each from the previous result (default 1)")
     g.add_argument("--lr", type=_finite_float, default=None,
                    help="learning rate (default: 1.0 for lbfgs, 0.02 for adam)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -238,6 +242,7 @@ def style_options_from_args(args: argparse.Namespace) -> dict:
         preserve_colors=getattr(args, "preserve_colors", False),
         precision=args.precision,
         progress_every=getattr(args, "progress_every", 10),
+        scales=getattr(args, "scales", 1),
     )
 
 
@@ -291,7 +296,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         stylize = _load_engine(args).stylize
         options.progress_every = 1  # the bar moves every iteration; frames are picked below
 
-    with tqdm(total=options.iterations, unit="it", desc="stylize", disable=args.quiet) as bar:
+    total = options.iterations * options.scales
+    with tqdm(total=total, unit="it", desc="stylize", disable=args.quiet) as bar:
         def on_progress(p) -> None:
             bar.update(p.iteration - bar.n)
             bar.set_postfix(total=f"{p.losses.total:.4g}", content=f"{p.losses.content:.3g}",

@@ -27,7 +27,7 @@ OPTION_NAMES = (
     "content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
     "content_blend_weights", "style_blend_weights", "content_weight", "style_weight",
     "tv_weight", "init", "optimizer", "iterations", "learning_rate", "seed", "size",
-    "style_scale", "preserve_colors", "precision", "progress_every",
+    "style_scale", "preserve_colors", "precision", "progress_every", "scales",
 )
 LOSS_OPTION_NAMES = (
     "content_layers", "content_layer_weights", "style_layers", "style_layer_weights",
@@ -153,7 +153,7 @@ def stylize_request(content, style, *, options: Any = None, init_image: ImageSou
         request.init = _enum("init", values["init"], _INITS)
     if "optimizer" in values:
         request.optimizer = _enum("optimizer", values["optimizer"], _OPTIMIZERS)
-    for name in ("iterations", "seed", "size", "progress_every"):
+    for name in ("iterations", "seed", "size", "progress_every", "scales"):
         if name in values:
             setattr(request, name, _int(name, values[name]))
     if "learning_rate" in values:

@@ -87,7 +87,7 @@ def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
                          "init to INIT_IMAGE or leave it unspecified")
     options.init = init
     options.optimizer = _enum("optimizer", request.optimizer, OPTIMIZERS, pb.Optimizer)
-    for name in ("iterations", "learning_rate", "seed", "size", "progress_every"):
+    for name in ("iterations", "learning_rate", "seed", "size", "progress_every", "scales"):
         if request.HasField(name):
             setattr(options, name, getattr(request, name))
     options.preserve_colors = request.preserve_colors

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
@@ -102,6 +104,15 @@ def preserve_colors(stylized: torch.Tensor, content: torch.Tensor) -> torch.Tens
     y = torch.einsum("ij,bjhw->bihw", to_yiq, stylized)[:, :1]
     iq = torch.einsum("ij,bjhw->bihw", to_yiq, content)[:, 1:]
     return torch.einsum("ij,bjhw->bihw", to_rgb, torch.cat([y, iq], 1)).clamp(0, 1)
+
+
+def scale_sizes(size: int, scales: int) -> list[int]:
+    """Long sides of a coarse-to-fine pyramid: ``scales`` sizes growing by sqrt(2) to ``size``.
+
+    >>> scale_sizes(512, 3)
+    [256, 362, 512]
+    """
+    return [round(size / math.sqrt(2) ** (scales - 1 - k)) for k in range(scales)]
 
 
 def pick_device(device: str) -> torch.device:
@@ -309,7 +320,8 @@ class StyleTransfer:
             options: see :class:`StyleOptions`; defaults when None.
             init_image: the start image when ``options.init == 'image'``.
             progress: called with the state after 0 iterations (the initial image), then
-                every ``options.progress_every`` iterations, and after the last one.
+                every ``options.progress_every`` iterations, and after the last one. With
+                ``options.scales > 1`` iterations count across all scales.
             preview: attach the current image to each Progress.
             should_stop: polled before every iteration; when it returns True the run stops
                 and :class:`Cancelled` is raised.
@@ -322,37 +334,65 @@ class StyleTransfer:
         options = self._options(options)
         contents, styles = self._load(content, "content"), self._load(style, "style")
         init = load_image(init_image, "init_image", self.max_pixels) if init_image else None
-        problem = self._prepare(contents, styles, options)
-        x = self._initial(problem, options, init).requires_grad_(True)
+        sizes = scale_sizes(options.size, options.scales)
+        n = options.iterations * len(sizes)
 
+        def report(done: int, losses: Losses, image: Image.Image | None) -> None:
+            if progress is not None:
+                progress(Progress(done, n, losses, time.perf_counter() - started, image))
+
+        x = None
+        for k, size in enumerate(sizes):
+            problem = self._prepare(contents, styles, dataclasses.replace(options, size=size))
+            if x is None:
+                x = self._initial(problem, options, init)
+            else:  # coarse-to-fine: start from the previous scale's result, upsampled
+                x = F.interpolate(x.detach(), size=(problem.height, problem.width),
+                                  mode="bicubic", align_corners=False).clamp(0, 1)
+            x = x.detach().requires_grad_(True)
+            self._optimise(problem, x, options, k * options.iterations, n,
+                           report if progress is not None else None, preview, should_stop)
+
+        with torch.no_grad():
+            final = x.detach().clamp(0, 1)
+            _, losses = self._evaluate(problem, final, options)
+        image = self._finish(final, problem, options)
+        report(n, losses, image if preview else None)
+        return StylizeResult(
+            image=image, iterations=n, losses=losses,
+            elapsed_s=time.perf_counter() - started, backend=self.backend,
+            device=str(self.device),
+        )
+
+    def _optimise(self, problem: _Problem, x: torch.Tensor, options: StyleOptions, offset: int,
+                  total: int, report: Callable | None, preview: bool,
+                  should_stop: Callable[[], bool] | None) -> None:
+        """Run ``options.iterations`` optimiser steps on ``x`` in place.
+
+        ``offset`` is the number of steps done at coarser scales; progress is reported when
+        the overall count is a multiple of ``options.progress_every``.
+        """
         if options.optimizer == "lbfgs":
             optimizer = torch.optim.LBFGS([x], lr=options.learning_rate or 1.0, max_iter=1,
                                           history_size=100, tolerance_grad=0.0,
                                           tolerance_change=0.0)
         else:
             optimizer = torch.optim.Adam([x], lr=options.learning_rate or 0.02)
-
         last: list[Losses] = []
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            total, losses = self._evaluate(problem, x, options)
-            total.backward()
+            loss, losses = self._evaluate(problem, x, options)
+            loss.backward()
             # The extractor runs channels_last on CPU; L-BFGS needs a flat-viewable gradient.
             x.grad = x.grad.contiguous()
             last.append(losses)
-            return total
+            return loss
 
-        n, every = options.iterations, options.progress_every
-
-        def report(done: int, losses: Losses, image: Image.Image | None) -> None:
-            if progress is not None:
-                progress(Progress(done, n, losses, time.perf_counter() - started, image))
-
-        for done in range(n):
+        for done in range(offset, offset + options.iterations):
             if should_stop is not None and should_stop():
-                raise Cancelled(f"stopped after {done} of {n} iterations")
-            due = progress is not None and done % every == 0
+                raise Cancelled(f"stopped after {done} of {total} iterations")
+            due = report is not None and done % options.progress_every == 0
             # The preview is taken before the step so it matches the losses the step computes.
             image = self._finish(x, problem, options) if due and preview else None
             last.clear()
@@ -366,17 +406,6 @@ class StyleTransfer:
                                  f"learning_rate or the loss weights")
             if due:
                 report(done, last[0], image)
-
-        with torch.no_grad():
-            final = x.detach().clamp(0, 1)
-            _, losses = self._evaluate(problem, final, options)
-        image = self._finish(final, problem, options)
-        report(n, losses, image if preview else None)
-        return StylizeResult(
-            image=image, iterations=n, losses=losses,
-            elapsed_s=time.perf_counter() - started, backend=self.backend,
-            device=str(self.device),
-        )
 
     def compute_losses(
         self,

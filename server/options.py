@@ -24,6 +24,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Hard limits; the service may lower them.
 MAX_SIZE = 2048
 MAX_ITERATIONS = 10_000
+MAX_SCALES = 8
+#: Smallest long side of the coarsest scale.
+MIN_SCALE_SIZE = 32
 
 
 def check_weight(name: str, value: float) -> float:
@@ -94,6 +97,9 @@ class StyleOptions:
     size: int = 512
     #: Style images are resized to long side = size * style_scale.
     style_scale: float = 1.0
+    #: Coarse-to-fine: optimise at this many sizes, growing by sqrt(2) up to ``size``, each
+    #: for ``iterations`` steps and starting from the previous result (1: one scale).
+    scales: int = 1
     #: Keep the content image's colours: transfer luminance only (YIQ).
     preserve_colors: bool = False
     precision: str = "fp32"
@@ -133,6 +139,15 @@ class StyleOptions:
         if scale == 0 or self.size * scale > max_size:
             raise ValueError(f"style_scale: must be > 0 and keep size*style_scale <= {max_size}, "
                              f"got {self.style_scale}")
+        if not isinstance(self.scales, int) or not 1 <= self.scales <= MAX_SCALES:
+            raise ValueError(f"scales: must be an integer between 1 and {MAX_SCALES}, "
+                             f"got {self.scales!r}")
+        if self.size / math.sqrt(2) ** (self.scales - 1) < MIN_SCALE_SIZE:
+            raise ValueError(f"scales: {self.scales} scales from size {self.size} would start "
+                             f"below {MIN_SCALE_SIZE} px; use fewer scales or a larger size")
+        if self.iterations * self.scales > max_iterations:
+            raise ValueError(f"iterations: iterations*scales must be at most {max_iterations}, "
+                             f"got {self.iterations}*{self.scales}")
         if not isinstance(self.progress_every, int) or self.progress_every < 1:
             raise ValueError(
                 f"progress_every: must be an integer >= 1, got {self.progress_every!r}")

@@ -240,6 +240,18 @@ def test_several_styles_optimise_toward_the_blend(hed_engine, images):
     assert result.losses.style < 0.7 * before
 
 
+def test_coarse_to_fine_scales(random_engine, images):
+    seen = []
+    options = StyleOptions(size=90, iterations=6, scales=3, progress_every=6)
+    result = random_engine.stylize([images["cat"]], [images["starry"]], options,
+                                   progress=seen.append, preview=True)
+    # Long sides 90/2 = 45, 90/sqrt(2) = 64, 90; iterations count across the scales.
+    assert [(p.iteration, p.iterations, p.image.width) for p in seen] == [
+        (0, 18, 45), (6, 18, 64), (12, 18, 90), (18, 18, 90)]
+    assert result.iterations == 18 and result.image.size == (90, 60)
+    assert seen[-1].losses.total < seen[0].losses.total
+
+
 def test_texture_synthesis_without_content(random_engine, images):
     options = StyleOptions(size=48, content_weight=0, init="noise", iterations=10)
     result = random_engine.stylize([], [images["starry"]], options)
@@ -345,6 +357,9 @@ def test_losses_agree_across_kernel_backends(images):
     ({"style_layers": ("relu1_1", "relu9_9")}, r"style_layers: unknown layer 'relu9_9'"),
     ({"content_layers": ("99",)}, r"content_layers: unknown layer '99'"),
     ({"optimizer": "sgd"}, r"optimizer: must be one of lbfgs, adam, got 'sgd'"),
+    ({"scales": 9}, r"scales: must be an integer between 1 and 8, got 9"),
+    ({"size": 64, "scales": 4}, r"scales: 4 scales from size 64 would start below 32 px"),
+    ({"iterations": 5000, "scales": 3}, r"iterations: iterations\*scales must be at most"),
     ({"style_blend_weights": (1.0, 2.0)}, r"style_blend_weights: expected 1 value"),
     ({"style_blend_weights": (-1.0,)}, r"style_blend_weights\[0\]: .* got -1.0"),
 ])

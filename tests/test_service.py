@@ -131,6 +131,15 @@ def test_stylize_stream_progress_and_final_image(stub, data):
     assert math.isclose(stats.losses.total, weighted, rel_tol=1e-5)
 
 
+def test_stylize_scales_coarse_to_fine(stub, data):
+    progress, result = run_stylize(stub, stylize_request(
+        data, iterations=4, scales=2, size=64, progress_every=4, preview=True))
+    assert [p.iteration for p in progress] == [0, 4, 8]
+    sizes = [Image.open(io.BytesIO(p.preview.data)).size for p in progress]
+    assert sizes == [(45, 30), (64, 43), (64, 43)]  # 64/sqrt(2) = 45 px, then 64 px
+    assert result.stats.iterations == 8 and (result.image.width, result.image.height) == (64, 43)
+
+
 def test_stylize_options_travel(stub, data):
     """Layers, weights, init, optimiser, size, format and model choice all reach the engine."""
     request = stylize_request(
