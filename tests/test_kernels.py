@@ -205,6 +205,19 @@ def test_channels_last_gradient_keeps_layout() -> None:
 
 
 @needs_fused
+def test_bfloat16_channels_last_backward() -> None:
+    """The engine's case: bf16 channels_last features (a VGG layer under autocast on CPU),
+    which the backward computes as a row-major transposed product (the direct column-major
+    bf16 bmm takes an ATen reference path over 1000x slower; see bench/bench_engine.py)."""
+    base = torch.randn(1, 64, 128, 128).bfloat16()
+    target = torch.randn(64, 64) * 1e-3
+    _, expected = fused_loss_and_grad(base.contiguous(), target)
+    _, grad = fused_loss_and_grad(base.contiguous(memory_format=torch.channels_last), target)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(grad, expected) < 1e-2
+
+
+@needs_fused
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
 def test_bfloat16(device: str, target_dtype: torch.dtype) -> None:

@@ -196,7 +196,15 @@ at::Tensor sym_times_features(const at::Tensor& M, const Features& f,
                         out.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (viewable) {
     at::Tensor out3 = out.view({f.B, f.C, f.N});
-    at::bmm_out(out3, M, f.f3);
+    if (f.f3.stride(2) != 1) {
+      // Column-major (channels_last) F: compute out^T = F^T M^T with every operand
+      // row-major. The direct form, bmm_out(col-major out, M, col-major F), takes a
+      // reference path for bf16 on CPU that is over 1000x slower.
+      at::Tensor out_t = out3.transpose(1, 2);
+      at::bmm_out(out_t, f.f3.transpose(1, 2), M.transpose(1, 2));
+    } else {
+      at::bmm_out(out3, M, f.f3);
+    }
   } else {  // a permuted H/W layout: compute, then copy into the requested strides
     out.copy_(at::bmm(M, f.f3).view(features.sizes()));
   }
