@@ -94,7 +94,8 @@ class StyleLoss:
     def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for name, target in self.targets.items():
-            mse = kernels.style_loss(features[name], target.mean.to(features[name].dtype))
+            # The float32 target stays float32 under bf16 autocast (the op accepts it).
+            mse = kernels.style_loss(features[name], target.mean)
             out[name] = target.loss(mse)
         return out
 
