@@ -28,7 +28,13 @@ from pathlib import Path
 
 from gramstyle import __version__
 from gramstyle.client.errors import ServiceError
-from gramstyle.images import ImageError, check_output_path, format_for_path, save_image
+from gramstyle.images import (
+    ImageError,
+    check_output_path,
+    format_for_path,
+    load_image,
+    save_image,
+)
 from gramstyle.server.options import (
     ARCHS,
     DEFAULT_CONTENT_LAYERS,
@@ -277,6 +283,13 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     options = StyleOptions(**style_options_from_args(args)).validated()
     if not args.content and not args.style:
         raise CLIError("--content/--style: give at least one image")
+    # Fail on a bad image file before loading a model or starting the bar; the paths (not the
+    # decoded images) are passed on so that a server receives the original bytes.
+    for field in ("content", "style"):
+        for i, path in enumerate(getattr(args, field)):
+            load_image(path, f"{field}[{i}]", max_pixels=None)
+    if args.init_image:
+        load_image(args.init_image, "init_image", max_pixels=None)
 
     every = options.progress_every
     frames: list = []
@@ -315,7 +328,6 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     save_image(result.image, output, "output")
     if args.progress_sheet:
         from gramstyle.client.progress_sheet import save_progress_sheet
-        from gramstyle.images import load_image
 
         label, source = ("content", args.content[0]) if args.content else ("style", args.style[0])
         save_progress_sheet(frames, args.progress_sheet, (label, load_image(source, label)))

@@ -45,7 +45,8 @@ def test_stylize_remote_writes_output_frames_and_sheet(target, images, tmp_path,
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["--content", "BAD"], 2, "server answered INVALID_ARGUMENT: content[0]: cannot decode image"),
+    # A bad file is caught by the CLI before anything is sent.
+    (["--content", "BAD"], 2, "--content #1: cannot decode image"),
     (["--weights", "imagenet"], 2,
      "server answered FAILED_PRECONDITION: weights: model */imagenet is not loaded"),
     (["--style-layers", "relu9_1"], 2,
