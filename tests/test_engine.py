@@ -322,13 +322,16 @@ candidate, content, style = sys.argv[1:4]
 engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
 report = engine.compute_losses(resize_long_side(load_image(candidate), 64), [content], [style],
                                StyleOptions(), gradient=True)
+result = engine.stylize([content], [style], StyleOptions(size=48, iterations=5))
 print(json.dumps([engine.backend, report.losses.style_layers, report.losses.content,
-                  float(abs(report.gradient).sum())]))
+                  float(abs(report.gradient).sum()), list(result.image.tobytes()),
+                  result.losses.total]))
 """
 
 
 def test_losses_agree_across_kernel_backends(images):
-    """The engine gives the same losses and gradient whether the fused op or einsum runs."""
+    """The engine gives the same losses, gradient and result whether the fused op or einsum
+    runs."""
     results = {}
     for kernel in ("default", "einsum"):
         env = dict(os.environ, GRAMSTYLE_KERNEL=kernel) if kernel == "einsum" else None
@@ -342,6 +345,10 @@ def test_losses_agree_across_kernel_backends(images):
         assert results["default"][1][layer] == pytest.approx(value, rel=1e-4), layer
     assert results["default"][2] == pytest.approx(results["einsum"][2], rel=1e-6)
     assert results["default"][3] == pytest.approx(results["einsum"][3], rel=1e-3)
+    # A short optimisation ends in (nearly) the same image and loss.
+    fused, einsum = (np.array(results[k][4], dtype=np.float64) for k in ("default", "einsum"))
+    assert np.abs(fused - einsum).mean() < 1.0  # in 0..255 grey levels
+    assert results["default"][5] == pytest.approx(results["einsum"][5], rel=1e-2)
 
 
 # ----------------------------------------------------------------- bad input
