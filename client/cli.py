@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import platform
 import re
 import sys
@@ -560,8 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gramstyle: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # torch.OutOfMemoryError is checked by name: this module must not import torch.
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            print(f"gramstyle: error: out of memory ({str(exc).splitlines()[0]}); lower "
+                  "--size or --style-scale, or use --precision bf16", file=sys.stderr)
+            return EXIT_FAILURE
+        if os.environ.get("GRAMSTYLE_DEBUG"):
+            raise
+        # Anything else is a bug: say so in one line, with the traceback on request.
+        print(f"gramstyle: error: internal error: {type(exc).__name__}: {exc} (set "
+              "GRAMSTYLE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
     sys.exit(main())
-# CLI-READY-FOR-SERVICE: the service helper may now add --server, serve and losses.

@@ -109,3 +109,25 @@ def test_info(capsys):
     out = capsys.readouterr().out
     from gramstyle import kernels
     assert out.startswith("gramstyle ") and f"kernel    {kernels.backend()}" in out
+
+
+def test_unexpected_errors_are_one_line_exit_1(monkeypatch, tmp_path, images, capsys):
+    import gramstyle.server.engine as engine
+
+    def out_of_memory(*args, **kwargs):
+        import torch
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.StyleTransfer, "stylize", out_of_memory)
+    args = ["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+            "-o", str(tmp_path / "o.png"), *SMALL]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "gramstyle: error: out of memory (CUDA out of memory." in err
+    assert "--size" in err and "Traceback" not in err
+
+    monkeypatch.setattr(engine.StyleTransfer, "stylize",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyError("boom")))
+    assert main(args) == 1
+    assert "internal error: KeyError: 'boom'" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
