@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ from gramstyle.images import (
     format_for_path,
     load_image,
     save_image,
+    write_bytes_atomic,
 )
 from gramstyle.server.options import (
     ARCHS,
@@ -209,8 +211,9 @@ def add_style_options(parser: argparse.ArgumentParser) -> None:
 def add_optimiser_options(parser: argparse.ArgumentParser) -> None:
     d = StyleOptions()
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--init", choices=INITS, default=d.init,
-                   help="start image: content, seeded noise, style, or --init-image")
+    g.add_argument("--init", choices=INITS, default=None,
+                   help="start image: content, seeded noise, style, or image (--init-image). "
+                        "Default: image with --init-image, else content if given, else noise")
     g.add_argument("--init-image", metavar="IMAGE", help="start image for --init image")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     g.add_argument("--iterations", type=int, default=d.iterations,
@@ -239,7 +242,7 @@ def style_options_from_args(args: argparse.Namespace) -> dict:
         content_weight=args.content_weight,
         style_weight=args.style_weight,
         tv_weight=args.tv_weight,
-        init=getattr(args, "init", "content"),
+        init=getattr(args, "init", None),
         optimizer=getattr(args, "optimizer", "lbfgs"),
         iterations=getattr(args, "iterations", 1),
         learning_rate=getattr(args, "lr", None),
@@ -261,6 +264,9 @@ def frame_path(output: Path, iteration: int) -> Path:
 # ---------------------------------------------------------------------------- commands
 
 def _load_engine(args: argparse.Namespace):
+    if getattr(args, "timeout", None) is not None:
+        raise CLIError("--timeout: is the deadline of a call to --server; it does not apply "
+                       "in-process")
     try:
         from gramstyle.server.engine import StyleTransfer
     except ImportError as exc:
@@ -284,6 +290,10 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     options = StyleOptions(**style_options_from_args(args)).validated()
     if not args.content and not args.style:
         raise CLIError("--content/--style: give at least one image")
+    if args.save_every and args.save_every >= options.iterations * options.scales:
+        print(f"gramstyle: warning: --save-every {args.save_every} is not below the "
+              f"{options.iterations * options.scales} iterations; no frames will be written",
+              file=sys.stderr)
     # Fail on a bad image file before loading a model or starting the bar; the paths (not the
     # decoded images) are passed on so that a server receives the original bytes.
     for field in ("content", "style"):
@@ -369,7 +379,13 @@ def cmd_losses(args: argparse.Namespace) -> int:
     """Print the loss table of a candidate image (in-process, or on --server)."""
     from gramstyle.client.report import format_losses
 
-    options = StyleOptions(**style_options_from_args(args)).validated()
+    candidate = load_image(args.candidate, "candidate", max_pixels=None)
+    for field in ("content", "style"):
+        for i, path in enumerate(getattr(args, field)):
+            load_image(path, f"{field}[{i}]", max_pixels=None)
+    # The candidate's long side stands in for --size (it is what style_scale multiplies).
+    values = dict(style_options_from_args(args), size=max(16, *candidate.size))
+    options = StyleOptions(**values).validated()
     loss_options = {name: getattr(options, name) for name in LOSS_FIELDS}
     if args.gradient:
         check_output_path_npy(args.gradient)
@@ -390,7 +406,7 @@ def cmd_losses(args: argparse.Namespace) -> int:
         report = engine.compute_losses(args.candidate, args.content, args.style, options,
                                        gradient=bool(args.gradient))
         where = f"{engine.device}, kernel {engine.backend}"
-        size = None
+        size = candidate.size
     print(format_losses(report.losses, {"content": options.content_weight,
                                         "style": options.style_weight,
                                         "tv": options.tv_weight}))
@@ -398,7 +414,9 @@ def cmd_losses(args: argparse.Namespace) -> int:
         import numpy as np
 
         gradient = report.gradient
-        np.save(args.gradient, gradient)
+        buffer = io.BytesIO()
+        np.save(buffer, gradient)
+        write_bytes_atomic(buffer.getvalue(), args.gradient)
         size = size or (gradient.shape[2], gradient.shape[1])
         print(f"gradient  d total / d pixel, float32 {list(gradient.shape)}, L2 norm "
               f"{float(np.linalg.norm(gradient)):.6g}, max |g| {float(np.abs(gradient).max()):.6g}"

@@ -79,10 +79,8 @@ def _loss_options(request, options: StyleOptions) -> StyleOptions:
 def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
     """The engine options a StylizeRequest asks for (not yet validated)."""
     options = _loss_options(request, StyleOptions())
-    init = _enum("init", request.init, INITS, pb.Init)
-    if init is None:
-        init = "image" if request.init_image else "content"
-    elif request.init_image and init != "image":
+    init = _enum("init", request.init, INITS, pb.Init)  # None: the engine's default
+    if init is not None and request.init_image and init != "image":
         raise ValueError(f"init_image: given, but init is {pb.Init.Name(request.init)}; set "
                          "init to INIT_IMAGE or leave it unspecified")
     options.init = init

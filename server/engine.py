@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from gramstyle.server.options import (
     StyleOptions,
     check_choice,
     check_weights,
+    scale_sizes,
 )
 
 
@@ -104,15 +104,6 @@ def preserve_colors(stylized: torch.Tensor, content: torch.Tensor) -> torch.Tens
     y = torch.einsum("ij,bjhw->bihw", to_yiq, stylized)[:, :1]
     iq = torch.einsum("ij,bjhw->bihw", to_yiq, content)[:, 1:]
     return torch.einsum("ij,bjhw->bihw", to_rgb, torch.cat([y, iq], 1)).clamp(0, 1)
-
-
-def scale_sizes(size: int, scales: int) -> list[int]:
-    """Long sides of a coarse-to-fine pyramid: ``scales`` sizes growing by sqrt(2) to ``size``.
-
-    >>> scale_sizes(512, 3)
-    [256, 362, 512]
-    """
-    return [round(size / math.sqrt(2) ** (scales - 1 - k)) for k in range(scales)]
 
 
 def pick_device(device: str) -> torch.device:
@@ -187,16 +178,16 @@ class StyleTransfer:
     def _options(self, options: StyleOptions | None) -> StyleOptions:
         options = dataclasses.replace(options) if options is not None else StyleOptions()
         options.validated(max_size=self.max_size, max_iterations=MAX_ITERATIONS)
-        options.content_layers = tuple(self.extractor.resolve(n, "content_layers")
-                                       for n in options.content_layers)
-        options.style_layers = tuple(self.extractor.resolve(n, "style_layers")
-                                     for n in options.style_layers)
+        options.content_layers = self.extractor.resolve_all(options.content_layers,
+                                                            "content_layers")
+        options.style_layers = self.extractor.resolve_all(options.style_layers, "style_layers")
         return options
 
     def _load(self, sources: Sequence[ImageSource] | None, field: str) -> list[Image.Image]:
         if sources is None:
             return []
-        if isinstance(sources, (str, bytes, Image.Image)) or hasattr(sources, "__fspath__"):
+        if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
+                sources, "__fspath__"):
             sources = [sources]
         return [load_image(s, f"{field}[{i}]", self.max_pixels) for i, s in enumerate(sources)]
 
@@ -206,7 +197,8 @@ class StyleTransfer:
         return contextlib.nullcontext()
 
     def _prepare(self, contents: list[Image.Image], styles: list[Image.Image],
-                 options: StyleOptions, size: tuple[int, int] | None = None) -> _Problem:
+                 options: StyleOptions, size: tuple[int, int] | None = None,
+                 output_field: str = "size") -> _Problem:
         """Resize the images, compute the target features and build the losses.
 
         ``size`` = (width, height) of the output; by default the first content (or style)
@@ -233,6 +225,22 @@ class StyleTransfer:
             size = resize_long_side(contents[0] if contents else styles[0], options.size).size
         width, height = size
         style_side = max(16, round(max(width, height) * options.style_scale))
+        # Every feature map must keep at least one pixel: check before running the network.
+        layer, need = self.extractor.min_side((options.content_layers if contents else ())
+                                              + (options.style_layers if styles else ()))
+        if min(width, height) < need:
+            raise ValueError(f"{output_field}: the image would be {width}x{height} px, too "
+                             f"small for layer {layer} (its short side must be at least {need} "
+                             f"px); use a larger size or shallower layers")
+        if styles:
+            layer, need = self.extractor.min_side(options.style_layers)
+            for i, s in enumerate(styles):
+                w, h = resize_long_side(s, style_side).size
+                if min(w, h) < need:
+                    raise ValueError(f"style[{i}]: resized to {w}x{h} px (long side "
+                                     f"size*style_scale = {style_side}), too small for layer "
+                                     f"{layer} (short side at least {need} px); raise "
+                                     f"style_scale or size")
         content_t = [to_tensor(c.resize(size, Image.Resampling.LANCZOS)
                                if c.size != size else c, self.device) for c in contents]
         style_t = [to_tensor(resize_long_side(s, style_side), self.device) for s in styles]
@@ -333,7 +341,14 @@ class StyleTransfer:
         started = time.perf_counter()
         options = self._options(options)
         contents, styles = self._load(content, "content"), self._load(style, "style")
-        init = load_image(init_image, "init_image", self.max_pixels) if init_image else None
+        init = None
+        if init_image is not None:
+            if options.init not in (None, "image"):
+                raise ValueError(f"init_image: given, but init is {options.init!r}; set init "
+                                 f"to 'image' (or leave it unset) to start from it")
+            init = load_image(init_image, "init_image", self.max_pixels)
+        if options.init is None:
+            options.init = "image" if init is not None else "content" if contents else "noise"
         sizes = scale_sizes(options.size, options.scales)
         n = options.iterations * len(sizes)
 
@@ -422,13 +437,16 @@ class StyleTransfer:
         ``max(H, W) * style_scale``. With ``gradient=True`` the report carries
         d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]).
         """
-        options = self._options(options)
         image = load_image(candidate, "candidate", self.max_pixels)
         if max(image.size) > self.max_size:
             raise ValueError(f"candidate: long side {max(image.size)} px is over the limit of "
                              f"{self.max_size} px")
+        # The candidate's long side stands in for `size` (style_scale is checked against it).
+        options = dataclasses.replace(options or StyleOptions(), size=max(16, *image.size))
+        options = self._options(options)
         contents, styles = self._load(content, "content"), self._load(style, "style")
-        problem = self._prepare(contents, styles, options, size=image.size)
+        problem = self._prepare(contents, styles, options, size=image.size,
+                                output_field="candidate")
         x = to_tensor(image, self.device).requires_grad_(gradient)
         with torch.set_grad_enabled(gradient):
             total, losses = self._evaluate(problem, x, options)

@@ -84,7 +84,8 @@ def _load_file(path: str, features: nn.Sequential, arch: str) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"weights: cannot load {path!r} as a torch state_dict: {exc}") from exc
+        raise WeightsError(f"weights: cannot load {path!r} as a torch state_dict (a file "
+                           f"written by torch.save): {type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -169,13 +170,31 @@ class VGGFeatures(nn.Module):
         key = str(layer).strip()
         if key in self._index:
             return key
-        if key.isdigit() and int(key) < len(self.layer_names):
+        if key.isascii() and key.isdigit() and int(key) < len(self.layer_names):
             return self.layer_names[int(key)]
         raise ValueError(
             f"{field}: unknown layer {layer!r} for {self.arch}; use a name such as relu4_2 "
             f"(one of {self.layer_names[0]} ... {self.layer_names[-1]}) or an index 0.."
             f"{len(self.layer_names) - 1}"
         )
+
+    def resolve_all(self, layers: Iterable[str | int], field: str) -> tuple[str, ...]:
+        """Canonical names of several layers; each layer may appear once."""
+        names: dict[str, str | int] = {}
+        for layer in layers:
+            name = self.resolve(layer, field)
+            if name in names:
+                raise ValueError(f"{field}: layer {name} is listed twice ({names[name]!r} and "
+                                 f"{layer!r})")
+            names[name] = layer
+        return tuple(names)
+
+    def min_side(self, layers: Iterable[str]) -> tuple[str, int]:
+        """The deepest of ``layers`` and the smallest image side (px) that reaches it with at
+        least one feature pixel: 2 ** (pooling layers before it)."""
+        deepest = max((self._index[self.resolve(n)] for n in layers), default=0)
+        pools = sum(1 for name in self.layer_names[: deepest + 1] if name.startswith("pool"))
+        return self.layer_names[deepest], 2 ** pools
 
     def forward(self, images: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
         """Activations of ``layers`` for ``images`` ([B,3,H,W], RGB in [0,1]).

@@ -57,6 +57,24 @@ def check_weights(name: str, values: Sequence[float] | None, count: int) -> tupl
     return checked
 
 
+def layer_names(name: str, value: str | Sequence[str | int]) -> tuple[str, ...]:
+    """Layer names as a tuple; a string is taken as a comma-separated list."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if value is None or not isinstance(value, Sequence):
+        raise ValueError(f"{name}: expected a list of layer names, got {value!r}")
+    return tuple(str(v).strip() for v in value)
+
+
+def scale_sizes(size: int, scales: int) -> list[int]:
+    """Long sides of a coarse-to-fine pyramid: ``scales`` sizes growing by sqrt(2) to ``size``.
+
+    >>> scale_sizes(512, 3)
+    [256, 362, 512]
+    """
+    return [round(size / math.sqrt(2) ** (scales - 1 - k)) for k in range(scales)]
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
@@ -86,8 +104,10 @@ class StyleOptions:
     content_weight: float = 1.0
     style_weight: float = 5.0
     tv_weight: float = 0.0
-    #: Initial image: 'content', 'noise' (seeded), 'style', or 'image' (see init_image).
-    init: str = "content"
+    #: Initial image: 'content', 'noise' (seeded), 'style', or 'image' (the init_image).
+    #: None: 'image' when an init image is given, else 'content' when there is a content
+    #: image, else 'noise'.
+    init: str | None = None
     optimizer: str = "lbfgs"
     iterations: int = 300
     #: Step size; None picks the optimiser's default (L-BFGS 1.0, Adam 0.02 in [0,1] pixels).
@@ -109,6 +129,8 @@ class StyleOptions:
     def validated(self, max_size: int = MAX_SIZE, max_iterations: int = MAX_ITERATIONS
                   ) -> StyleOptions:
         """Check every field; return self. Raises ValueError naming the field and value."""
+        self.content_layers = layer_names("content_layers", self.content_layers)
+        self.style_layers = layer_names("style_layers", self.style_layers)
         if not self.content_layers and not self.style_layers:
             raise ValueError("content_layers/style_layers: at least one layer is needed")
         self.content_layer_weights = (
@@ -119,7 +141,8 @@ class StyleOptions:
                           len(self.style_layers)) if self.style_layers else ())
         for name in ("content_weight", "style_weight", "tv_weight"):
             setattr(self, name, check_weight(name, getattr(self, name)))
-        check_choice("init", self.init, INITS)
+        if self.init is not None:
+            check_choice("init", self.init, INITS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.iterations, int) or isinstance(self.iterations, bool):
@@ -142,17 +165,19 @@ class StyleOptions:
         if not isinstance(self.scales, int) or not 1 <= self.scales <= MAX_SCALES:
             raise ValueError(f"scales: must be an integer between 1 and {MAX_SCALES}, "
                              f"got {self.scales!r}")
-        if self.size / math.sqrt(2) ** (self.scales - 1) < MIN_SCALE_SIZE:
+        if self.scales > 1 and scale_sizes(self.size, self.scales)[0] < MIN_SCALE_SIZE:
             raise ValueError(f"scales: {self.scales} scales from size {self.size} would start "
                              f"below {MIN_SCALE_SIZE} px; use fewer scales or a larger size")
         if self.iterations * self.scales > max_iterations:
             raise ValueError(f"iterations: iterations*scales must be at most {max_iterations}, "
                              f"got {self.iterations}*{self.scales}")
-        if not isinstance(self.progress_every, int) or self.progress_every < 1:
+        if (not isinstance(self.progress_every, int) or isinstance(self.progress_every, bool)
+                or self.progress_every < 1):
             raise ValueError(
                 f"progress_every: must be an integer >= 1, got {self.progress_every!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                or not -(2**63) <= self.seed < 2**63):
+            raise ValueError(f"seed: must be a 64-bit integer, got {self.seed!r}")
         return self
 
     @classmethod

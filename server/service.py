@@ -107,8 +107,7 @@ class StyleTransferService(pb_grpc.StyleTransferServicer):
         """Validate options and layer names up front (the engine re-checks them)."""
         options.validated(max_size=engine.max_size, max_iterations=self.max_iterations)
         for field in ("content_layers", "style_layers"):
-            for name in getattr(options, field):
-                engine.extractor.resolve(name, field)
+            engine.extractor.resolve_all(getattr(options, field), field)
         return options
 
     def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> NoReturn:

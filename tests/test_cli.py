@@ -131,3 +131,26 @@ def test_unexpected_errors_are_one_line_exit_1(monkeypatch, tmp_path, images, ca
     assert main(args) == 1
     assert "internal error: KeyError: 'boom'" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_init_defaults_follow_the_inputs(tmp_path, images, capsys):
+    # --init-image alone starts from that image; no content at all starts from noise.
+    assert main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 "--init-image", str(images["coffee"]), "-o", str(tmp_path / "a.png"),
+                 *SMALL]) == 0
+    assert main(["stylize", "--style", str(images["starry"]), "--content-weight", "0",
+                 "-o", str(tmp_path / "b.png"), *SMALL]) == 0
+    with Image.open(tmp_path / "b.png") as image:
+        assert image.size == (64, 40)  # the style image's aspect ratio
+    code = main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 "--init", "noise", "--init-image", str(images["coffee"]),
+                 "-o", str(tmp_path / "c.png"), *SMALL])
+    assert code == 2
+    assert "--init-image: given, but init is 'noise'" in capsys.readouterr().err
+
+
+def test_timeout_needs_a_server(tmp_path, images, capsys):
+    code = main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 "--timeout", "5", "-o", str(tmp_path / "o.png"), *SMALL])
+    assert code == 2 and "--timeout: is the deadline of a call to --server" in (
+        capsys.readouterr().err)

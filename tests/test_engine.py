@@ -399,6 +399,80 @@ def test_image_over_pixel_limit_rejected_before_decoding(images):
         engine.stylize([images["cat"]], [images["starry"]], StyleOptions(iterations=1))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size": 48, "content": "wide"},
+     r"size: the image would be 48x12 px, too small for layer relu5_1 \(its short side must "
+     r"be at least 16 px\)"),
+    ({"size": 32, "style_layers": ("pool5",)}, r"size: .*too small for layer pool5 .*32 px"),
+    ({"size": 64, "style_scale": 0.2},
+     r"style\[0\]: resized to 16x10 px \(long side size\*style_scale = 16\), too small for "
+     r"layer relu5_1"),
+    ({"content_layers": ("relu4_2", "22")},
+     r"content_layers: layer relu4_2 is listed twice \('relu4_2' and '22'\)"),
+    ({"style_layers": "relu1_1,relu1_1"}, r"style_layers: layer relu1_1 is listed twice"),
+    ({"seed": 2**64}, r"seed: must be a 64-bit integer, got 18446744073709551616"),
+    ({"content_layers": None}, r"content_layers: expected a list of layer names, got None"),
+    ({"style_layers": ("²",)}, r"style_layers: unknown layer '²'"),
+    ({"progress_every": True}, r"progress_every: must be an integer >= 1, got True"),
+])
+def test_more_bad_options(random_engine, images, kwargs, message):
+    content = {"wide": small(images["cat"]).resize((48, 12))}.get(kwargs.pop("content", None),
+                                                                  images["cat"])
+    with pytest.raises(ValueError, match=message):
+        random_engine.stylize([content], [images["starry"]], StyleOptions(iterations=1, **kwargs))
+
+
+def test_small_sizes_work_with_shallow_layers(random_engine, images):
+    options = StyleOptions(size=16, iterations=1, content_layers=("relu2_1",),
+                           style_layers=("relu1_1",))
+    assert random_engine.stylize([images["cat"]], [images["starry"]], options).image.size == (
+        16, 11)
+
+
+def test_candidate_too_small_for_deep_layers(random_engine, images):
+    with pytest.raises(ValueError, match=r"candidate: the image would be 8x8 px, too small for "
+                                         r"layer relu5_1"):
+        random_engine.compute_losses(Image.new("RGB", (8, 8)), [images["cat"]],
+                                     [images["starry"]])
+
+
+def test_compute_losses_checks_style_scale_against_the_candidate(random_engine, images):
+    # 64 px candidate * 5 = 320 px style: fine, although 512 (the default size) * 5 is not.
+    report = random_engine.compute_losses(small(images["cat"]), [images["cat"]],
+                                          [images["starry"]], StyleOptions(style_scale=5))
+    assert report.losses.style > 0
+    with pytest.raises(ValueError, match=r"style_scale: .* got 40"):
+        random_engine.compute_losses(small(images["cat"]), [images["cat"]],
+                                     [images["starry"]], StyleOptions(style_scale=40))
+
+
+def test_init_defaults_and_init_image(random_engine, images):
+    def start(options, **kwargs):
+        seen = []
+        random_engine.stylize([images["cat"]], [images["starry"]], options, preview=True,
+                              progress=seen.append, **kwargs)
+        return pixels(seen[0].image)
+
+    coffee = pixels(small(images["coffee"], 32).resize((32, 21)))
+    cat = pixels(small(images["cat"], 32))
+    # Unset init: the init image when one is given, else the content image.
+    assert np.abs(start(StyleOptions(size=32, iterations=1), init_image=images["coffee"])
+                  - coffee).mean() < 0.02
+    assert np.abs(start(StyleOptions(size=32, iterations=1)) - cat).mean() < 0.02
+    with pytest.raises(ValueError, match=r"init_image: given, but init is 'noise'"):
+        random_engine.stylize([images["cat"]], [images["starry"]],
+                              StyleOptions(iterations=1, init="noise"),
+                              init_image=images["coffee"])
+
+
+def test_bytes_like_sources(random_engine, images):
+    data = images["cat"].read_bytes()
+    for source in (data, bytearray(data), memoryview(data)):
+        result = random_engine.stylize(source, None, StyleOptions(size=32, iterations=1,
+                                                                  style_weight=0))
+        assert result.image.size == (32, 21)
+
+
 def test_missing_images_for_nonzero_weights(random_engine, images):
     with pytest.raises(ValueError, match=r"style: at least one style image is needed"):
         random_engine.stylize([images["cat"]], [], StyleOptions(iterations=1))

@@ -54,6 +54,30 @@ def _check_size(width: int, height: int, field: str, max_pixels: int | None) -> 
         )
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode.
+
+    16-bit and 32-bit integer images are scaled to 8 bits (Pillow's own conversion would clip
+    them to white), float images in [0, 1] are scaled by 255, and transparency is composited
+    onto white (a plain conversion would show whatever colour hides under alpha 0).
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        wide = image.convert("F") if image.mode != "F" else image
+        high = wide.getextrema()[1]
+        if image.mode.startswith("I;16") or (image.mode == "I" and high > 255):
+            factor = 255 / 65535 if high <= 65535 else 255 / high
+        elif image.mode == "F" and high <= 1.0:
+            factor = 255.0
+        else:
+            factor = 1.0
+        image = wide.point(lambda v: v * factor).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _png_header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR chunk; Pillow refuses to open zero-size PNGs at all,
     and this lets the error say why."""
@@ -79,7 +103,7 @@ def load_image(
     """
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, field, max_pixels)
-        return source.convert("RGB")
+        return to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -105,8 +129,7 @@ def load_image(
             # Only the header has been parsed so far: check the size before decoding pixels.
             _check_size(image.width, image.height, field, max_pixels)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

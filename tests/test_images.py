@@ -1,0 +1,65 @@
+"""gramstyle.images: decoding to 8-bit RGB, limits, atomic writes."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gramstyle.images import ImageError, encode_image, load_image, save_image
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    rgb = np.asarray(load_image(png(Image.fromarray(ramp))))
+    assert rgb.shape == (32, 32, 3)
+    assert rgb.min() == 0 and rgb.max() == 255 and 120 < rgb.mean() < 135
+
+
+def test_float_image_in_unit_range_is_scaled():
+    ramp = Image.fromarray(np.linspace(0, 1, 64).reshape(8, 8).astype(np.float32))
+    rgb = np.asarray(load_image(ramp))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert np.asarray(load_image(clear))[0, 0].tolist() == [255, 255, 255]
+    assert 120 < np.asarray(load_image(png(half)))[0, 0, 0] < 135
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (20, 40)
+
+
+def test_zero_size_and_pixel_limit():
+    with pytest.raises(ImageError, match=r"^style\[1\]: zero-size image \(0x5\)$"):
+        load_image(Image.new("RGB", (0, 5)), "style[1]")
+    with pytest.raises(ImageError, match=r"^candidate: image is 20x20 = 400 pixels, over the "
+                                         r"limit of 100 pixels$"):
+        load_image(png(Image.new("RGB", (20, 20))), "candidate", max_pixels=100)
+
+
+def test_save_is_atomic_and_readable(tmp_path):
+    target = tmp_path / "out.webp"
+    save_image(Image.new("RGB", (8, 8), "blue"), target)
+    assert Image.open(target).format == "WEBP"
+    assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ImageError, match=r"^format: unsupported output format 'gif'"):
+        encode_image(Image.new("RGB", (2, 2)), "gif")
