@@ -290,6 +290,11 @@ BAD_STYLIZE = [
      "INVALID_ARGUMENT", "size: must be an integer between 16 and 2048 pixels, got 8"),
     ("size too big", dict(size=4096),
      "INVALID_ARGUMENT", "size: must be an integer between 16 and 2048 pixels, got 4096"),
+    ("too small for relu5_1", dict(size=20),
+     "INVALID_ARGUMENT", "size: the image would be 20x13 px, too small for layer relu5_1"),
+    ("duplicate layer", dict(content_layers=pb.LayerSet(layers=[
+        pb.WeightedLayer(name="relu4_2"), pb.WeightedLayer(name="22")])),
+     "INVALID_ARGUMENT", "content_layers: layer relu4_2 is listed twice"),
     ("unknown enum", dict(init=42), "INVALID_ARGUMENT", "init: unknown value 42"),
     ("init image without INIT_IMAGE", "init_mismatch", "INVALID_ARGUMENT",
      "init_image: given, but init is INIT_NOISE"),
