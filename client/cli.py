@@ -256,6 +256,15 @@ def style_options_from_args(args: argparse.Namespace) -> dict:
     )
 
 
+def check_image_files(args: argparse.Namespace) -> None:
+    """Decode every --content/--style file once, so a bad one fails before a model loads or a
+    server is called. The paths (not the decoded images) are passed on afterwards, so that a
+    server receives the original bytes."""
+    for field in ("content", "style"):
+        for i, path in enumerate(getattr(args, field)):
+            load_image(path, f"{field}[{i}]", max_pixels=None)
+
+
 def frame_path(output: Path, iteration: int) -> Path:
     """Where --save-every writes the frame of ``iteration``: out.png -> out_0050.png."""
     return output.with_name(f"{output.stem}_{iteration:04d}{output.suffix}")
@@ -294,11 +303,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         print(f"gramstyle: warning: --save-every {args.save_every} is not below the "
               f"{options.iterations * options.scales} iterations; no frames will be written",
               file=sys.stderr)
-    # Fail on a bad image file before loading a model or starting the bar; the paths (not the
-    # decoded images) are passed on so that a server receives the original bytes.
-    for field in ("content", "style"):
-        for i, path in enumerate(getattr(args, field)):
-            load_image(path, f"{field}[{i}]", max_pixels=None)
+    check_image_files(args)
     if args.init_image:
         load_image(args.init_image, "init_image", max_pixels=None)
 
@@ -380,9 +385,7 @@ def cmd_losses(args: argparse.Namespace) -> int:
     from gramstyle.client.report import format_losses
 
     candidate = load_image(args.candidate, "candidate", max_pixels=None)
-    for field in ("content", "style"):
-        for i, path in enumerate(getattr(args, field)):
-            load_image(path, f"{field}[{i}]", max_pixels=None)
+    check_image_files(args)
     # The candidate's long side stands in for --size (it is what style_scale multiplies).
     values = dict(style_options_from_args(args), size=max(16, *candidate.size))
     options = StyleOptions(**values).validated()
