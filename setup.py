@@ -1,13 +1,18 @@
-"""Build script for gramstyle.
+"""Build script for gramstyle: the parts of the build that pyproject.toml cannot express.
 
-Three things happen here:
+The static metadata (name, version, extras, scripts, licence) and the package-dir mapping of
+``src/gramstyle``, ``server/``, ``kernels/`` and ``client/`` onto the one import package
+``gramstyle`` are in pyproject.toml. Here:
 
 1. The gRPC/protobuf Python code is generated from ``proto/`` with grpcio-tools into
    ``src/gramstyle/v1`` (git-ignored; never edited by hand).
-2. The folders ``server/``, ``kernels/`` and ``client/`` are mapped onto the single import
-   package ``gramstyle`` (``gramstyle.server``, ``gramstyle.kernels``, ``gramstyle.client``).
+2. The packages: every folder with an ``__init__.py`` under the mapped folders, so that a
+   new subpackage (e.g. ``client/cli/``) is installed without editing a list.
 3. The fused Gram/style-loss operator (``gramstyle.kernels._C``) is compiled when torch is
    importable at build time -- see ``kernel_extensions`` below and the README's "Build" section.
+4. The install requirements (dynamic in pyproject.toml): grpcio and protobuf floors taken
+   from the generated stubs, and -- in a wheel with the compiled operator -- the exact torch
+   it was compiled against.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 PROTO_DIR = ROOT / "proto"
@@ -140,55 +145,87 @@ def kernel_extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+def mapped_packages() -> list[str]:
+    """The packages: each mapped root of [tool.setuptools] package-dir and its subpackages."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: setuptools (imported above) vendors tomli
+        import tomli as tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        package_dir = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    packages = set()
+    for name, folder in package_dir.items():
+        packages.add(name)
+        packages.update(f"{name}.{sub}" for sub in find_packages(str(ROOT / folder)))
+    return sorted(packages)
+
+
+def stub_requirements() -> list[str]:
+    """grpcio and protobuf floors that the generated stubs themselves check on import.
+
+    The gRPC stubs refuse a grpcio older than the grpcio-tools that generated them
+    (GRPC_GENERATED_VERSION) and the protobuf code refuses a protobuf runtime older than the
+    protoc inside grpcio-tools (ValidateProtobufRuntimeVersion). Reading the floors from the
+    stubs keeps them true even for a --no-build-isolation build with another grpcio-tools
+    than the pinned one. With the grpcio-tools==1.72.2 of pyproject.toml [build-system]:
+    grpcio>=1.72.2, protobuf>=6.30.0.
+    """
+    import re
+
+    out = GENERATED_DIR / "gramstyle" / "v1"
+    grpc_code = (out / "gramstyle_pb2_grpc.py").read_text()
+    pb2_code = (out / "gramstyle_pb2.py").read_text()
+    grpc_floor = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", grpc_code, re.M)
+    pb_floor = re.search(
+        r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
+        r"\s*(\d+),\s*(\d+),\s*(\d+),\s*'([^']*)'",
+        pb2_code,
+    )
+    if not grpc_floor or not pb_floor:
+        raise RuntimeError(
+            "the generated stubs carry no grpcio/protobuf version check; build with the "
+            "grpcio-tools pinned in pyproject.toml [build-system] (see requirements-build.txt)"
+        )
+    protobuf = ".".join(pb_floor.group(1, 2, 3)) + pb_floor.group(4).replace("-", "")
+    return [f"grpcio>={grpc_floor.group(1)}", f"protobuf>={protobuf}"]
+
+
+def torch_requirement(ext_modules: list) -> list[str]:
+    """``torch==X.Y.Z`` for a wheel that holds the compiled operator, else nothing.
+
+    The operator links against torch's C++ ABI, which changes between releases, so -- as
+    torchvision does -- such a wheel must only be installed next to the torch it was built
+    with. As there, the local version (``+cpu``, ``+cu130``) is dropped: it names the build
+    variant of one release, and pinning it would refuse the same release from another index.
+    A client-only build has no operator and needs no torch.
+    """
+    if not ext_modules:
+        return []
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}"]
+
+
 generate_proto()
 ext_modules, cmdclass = kernel_extensions()
 
+# The install requirements (pyproject.toml [project] `dependencies`, which is declared dynamic
+# there because of the torch pin). This is the one place for them; the extras are static and
+# stay in pyproject.toml. The client-only install: no torch.
+install_requires = [
+    *stub_requirements(),
+    # The richer error model: google.rpc.BadRequest details on statuses (server and client).
+    # Same release as the pinned grpcio-tools, so its floors are no higher than the stubs'.
+    "grpcio-status>=1.72.2",
+    "pillow>=10",
+    "tqdm>=4.60",
+    *torch_requirement(ext_modules),
+]
+
 setup(
-    name="gramstyle",
-    version="0.1.0",
-    description="Gatys neural style transfer as a gRPC service, with a fused Gram kernel",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=[
-        "gramstyle",
-        "gramstyle.v1",
-        "gramstyle.server",
-        "gramstyle.kernels",
-        "gramstyle.client",
-    ],
-    package_dir={
-        "gramstyle": "src/gramstyle",
-        "gramstyle.v1": "src/gramstyle/v1",
-        "gramstyle.server": "server",
-        "gramstyle.kernels": "kernels",
-        "gramstyle.client": "client",
-    },
-    package_data={"gramstyle.v1": ["*.pyi"]},
-    install_requires=[
-        # The client-only install: no torch.
-        "grpcio>=1.62",
-        "protobuf>=5.26",
-        "pillow>=10",
-        "tqdm>=4.60",
-    ],
-    extras_require={
-        "server": [
-            "torch>=2.6,<2.15",
-            "torchvision>=0.21,<0.30",
-            "numpy>=1.24",
-            "grpcio-health-checking>=1.62",
-            "grpcio-reflection>=1.62",
-            "prometheus-client>=0.17",
-        ],
-        "bench": ["matplotlib>=3.7"],
-        "test": [
-            "pytest>=8",
-            "ruff>=0.4",
-            "matplotlib>=3.7",
-        ],
-    },
-    entry_points={"console_scripts": ["gramstyle=gramstyle.client.cli:main"]},
+    packages=mapped_packages(),
+    install_requires=install_requires,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

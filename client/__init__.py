@@ -8,17 +8,18 @@
 - :class:`Client` (sync) and :class:`AsyncClient` (grpc.aio): ``stylize``,
   ``stylize_stream``, ``compute_losses``, ``server_info``;
 - results: :class:`StylizeResult`, :class:`Progress`, :class:`LossReport`,
-  :class:`ServerInfo` (plain dataclasses, mirroring the engine's types);
+  :class:`ServerInfo` -- the same types the in-process engine returns (gramstyle.results);
 - errors: :class:`ServiceError` (``.code`` is a ``grpc.StatusCode``, ``.message`` the
-  server's message naming the bad field).
+  server's message naming the bad field, ``.violations`` the rejected fields).
 
-Needs only the base install (grpcio, protobuf, pillow, tqdm): no torch.
+Needs only the base install (grpcio, protobuf, pillow, tqdm): no torch, no numpy.
 """
 
 from gramstyle.client.aio import AsyncClient, AsyncStylizeStream
 from gramstyle.client.client import Client, StylizeStream
-from gramstyle.client.errors import CALLER_MISTAKES, ServiceError
-from gramstyle.client.types import (
+from gramstyle.client.errors import CALLER_MISTAKES, FieldViolation, ServiceError
+from gramstyle.options import StyleOptions
+from gramstyle.results import (
     Losses,
     LossReport,
     ModelInfo,
@@ -32,12 +33,14 @@ __all__ = [
     "AsyncClient",
     "AsyncStylizeStream",
     "Client",
+    "FieldViolation",
     "LossReport",
     "Losses",
     "ModelInfo",
     "Progress",
     "ServerInfo",
     "ServiceError",
+    "StyleOptions",
     "StylizeResult",
     "StylizeStream",
 ]

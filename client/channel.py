@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 #: Send/receive limit; matches the server's default (a 2048 px PNG each way, with room).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SERVICE = "gramstyle.v1.StyleTransfer"
+SERVICE = "gramstyle.v1.StyleTransferService"
 
 
 def _split_host_port(address: str) -> tuple[str, str]:

@@ -1,14 +1,15 @@
 """Plain-text reports for the CLI: the loss table and the server info.
 
-Both work on the engine's types and on the client's (they have the same fields), so local
-and remote commands print the same thing.
+Local and remote commands return the same result types (gramstyle.results), so they print
+the same thing.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+
+from gramstyle.options import StyleOptions
+from gramstyle.results import Losses, ServerInfo
 
 
 def _layer_order(name: str) -> tuple:
@@ -20,14 +21,14 @@ def _layer_order(name: str) -> tuple:
     return (int(block), int(index or 99), {"conv": 0, "relu": 1, "pool": 2}[kind], name)
 
 
-def format_losses(losses: Any, weights: Mapping[str, float]) -> str:
+def format_losses(losses: Losses, options: StyleOptions) -> str:
     """The loss table: each term unweighted, its weight and weighted value, then per layer.
 
-    ``weights`` maps 'content', 'style' and 'tv' to the loss weights used.
+    Each term's weight is the option ``<term>_weight`` of ``options``.
     """
     rows = [("term", "loss", "weight", "weighted")]
     for term in ("content", "style", "tv"):
-        value, weight = getattr(losses, term), weights.get(term, 0.0)
+        value, weight = getattr(losses, term), getattr(options, f"{term}_weight")
         rows.append((term, f"{value:.6g}", f"{weight:g}", f"{value * weight:.6g}"))
     rows.append(("total", "", "", f"{losses.total:.6g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -44,7 +45,7 @@ def format_losses(losses: Any, weights: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-def format_server_info(info: Any, target: str) -> str:
+def format_server_info(info: ServerInfo, target: str) -> str:
     """GetServerInfo's answer as the `gramstyle info --server` text."""
     lines = [f"server    {target}", f"version   gramstyle {info.version}",
              f"device    {info.device}", f"kernel    {info.backend}"]

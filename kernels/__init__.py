@@ -48,11 +48,12 @@ ENV_VAR = "GRAMSTYLE_KERNEL"
 _lock = threading.Lock()
 _ops: ModuleType | None = None
 _load_attempted = False
+_load_error: str | None = None
 
 
 def _fused_ops() -> ModuleType | None:
     """The loaded kernels.ops module, or None for the einsum fallback (decided once)."""
-    global _ops, _load_attempted
+    global _ops, _load_attempted, _load_error
     if _load_attempted:
         return _ops
     with _lock:
@@ -69,6 +70,7 @@ def _fused_ops() -> ModuleType | None:
 
                 _ops = ops
             except Exception as exc:  # a missing or mismatched build must never crash
+                _load_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "gramstyle.kernels: the fused extension could not be loaded (%s: %s); "
                     "falling back to the einsum path",
@@ -77,6 +79,13 @@ def _fused_ops() -> ModuleType | None:
                 )
         _load_attempted = True
         return _ops
+
+
+def load_error() -> str | None:
+    """Why the compiled op did not load ("ImportError: ..."), or None when it loaded or was
+    switched off with GRAMSTYLE_KERNEL=einsum."""
+    _fused_ops()
+    return _load_error
 
 
 def _fused_for(device: torch.device) -> ModuleType | None:

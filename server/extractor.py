@@ -20,6 +20,8 @@ import torch
 import torchvision
 from torch import nn
 
+from gramstyle.options import ARCHS, POOLINGS, check_choice
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,10 +132,8 @@ class VGGFeatures(nn.Module):
     def __init__(self, arch: str = "vgg19", weights: str = "imagenet", pooling: str = "max",
                  seed: int = 0):
         super().__init__()
-        if arch not in _BUILDERS:
-            raise ValueError(f"arch: must be one of {', '.join(_BUILDERS)}, got {arch!r}")
-        if pooling not in ("max", "avg"):
-            raise ValueError(f"pooling: must be max or avg, got {pooling!r}")
+        check_choice("arch", arch, ARCHS)
+        check_choice("pooling", pooling, POOLINGS)
         if not isinstance(weights, str) or not weights:
             raise WeightsError(f"weights: must be imagenet, random or a file path, got {weights!r}")
         build = _BUILDERS[arch][0]

@@ -13,11 +13,14 @@ with F_l(y) the [C_l, N_l] feature map (N_l = H_l * W_l) and x in [0, 1] RGB.
 
 A blend of targets is evaluated with one kernel call per layer against a weighted mean
 target plus a constant (see :class:`BlendedTarget`), so several styles cost no more than one.
+
+Each loss is a small callable on one layer's features; :class:`LayerSum` combines one per
+layer, and :class:`gramstyle.server.objective.Objective` weighs content, style and tv.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,51 +65,65 @@ class BlendedTarget:
 
 
 class ContentLoss:
-    """Relative feature MSE against a blend of content targets, summed over layers."""
+    """Relative feature MSE of one layer against a blend of content targets.
 
-    def __init__(self, targets: dict[str, list[torch.Tensor]], layer_weights: Sequence[float],
-                 blend_weights: Sequence[float]):
-        self.layer_weights = dict(zip(targets, _normalised(layer_weights), strict=True))
-        self.targets = {name: BlendedTarget.blend(t, blend_weights) for name, t in targets.items()}
+    ``targets``: the layer's features of each content image ([1, C, H, W], all one shape);
+    ``blend_weights``: one per image, normalised here.
+    """
 
-    def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-layer (unweighted) losses, as 0-dim float32 tensors."""
-        out = {}
-        for name, target in self.targets.items():
-            out[name] = target.loss((features[name].float() - target.mean).pow(2).mean())
-        return out
+    def __init__(self, targets: Sequence[torch.Tensor], blend_weights: Sequence[float]):
+        self.target = BlendedTarget.blend(targets, blend_weights)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The unweighted relative loss of ``features`` (same shape as a target), 0-dim
+        float32."""
+        return self.target.loss((features.float() - self.target.mean).pow(2).mean())
 
 
 class StyleLoss:
-    """Relative Gram-matrix MSE against a blend of style targets, summed over layers.
+    """Relative Gram-matrix MSE of one layer against a blend of style targets.
 
     The Gram matrix and its squared error go through ``gramstyle.kernels.style_loss``, so the
-    fused C++/CUDA op runs when it is compiled.
+    fused C++/CUDA op runs when it is compiled. ``targets`` are the layer's features of each
+    style image ([1, C, H_i, W_i]: the sizes may differ, the Grams are all [C, C]).
     """
 
-    def __init__(self, targets: dict[str, list[torch.Tensor]], layer_weights: Sequence[float],
-                 blend_weights: Sequence[float]):
-        self.layer_weights = dict(zip(targets, _normalised(layer_weights), strict=True))
-        grams = {name: [kernels.gram(f.float()).squeeze(0) for f in feats]
-                 for name, feats in targets.items()}
-        self.targets = {name: BlendedTarget.blend(g, blend_weights) for name, g in grams.items()}
+    def __init__(self, targets: Sequence[torch.Tensor], blend_weights: Sequence[float]):
+        grams = [kernels.gram(f.float()).squeeze(0) for f in targets]
+        self.target = BlendedTarget.blend(grams, blend_weights)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The unweighted relative loss of ``features`` ([1, C, H, W]), 0-dim float32."""
+        # The float32 target stays float32 under bf16 autocast (the op accepts it).
+        return self.target.loss(kernels.style_loss(features, self.target.mean))
+
+
+class LayerSum:
+    """One loss per layer, combined as sum_l w_l * loss_l with the weights normalised to 1.
+
+    ``losses`` maps a layer name to a callable taking that layer's features; the weights are
+    in the same order.
+    """
+
+    def __init__(self, losses: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                 layer_weights: Sequence[float]):
+        self.losses = losses
+        self.layer_weights = dict(zip(losses, _normalised(layer_weights), strict=True))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.losses)
 
     def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, target in self.targets.items():
-            # The float32 target stays float32 under bf16 autocast (the op accepts it).
-            mse = kernels.style_loss(features[name], target.mean)
-            out[name] = target.loss(mse)
-        return out
+        """Each layer's unweighted loss (0-dim float32), given the features by layer name."""
+        return {name: loss(features[name]) for name, loss in self.losses.items()}
 
-
-def weighted_sum(per_layer: dict[str, torch.Tensor], layer_weights: dict[str, float]
-                 ) -> torch.Tensor:
-    """sum_l w_l * loss_l (0 when there are no layers)."""
-    total = torch.zeros(())
-    for name, value in per_layer.items():
-        total = total.to(value.device) + layer_weights[name] * value
-    return total
+    def weighted(self, per_layer: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_l w_l * loss_l of what :meth:`__call__` returned."""
+        total = torch.zeros(())
+        for name, value in per_layer.items():
+            total = total.to(value.device) + self.layer_weights[name] * value
+        return total
 
 
 def tv_loss(image: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Start-up and shutdown of the gRPC server (``gramstyle serve``).
 
-:class:`GramstyleServer` wires the pieces together: the StyleTransfer servicer, the standard
+:class:`GramstyleServer` wires the pieces together: the StyleTransferService servicer, the standard
 ``grpc.health.v1`` health service, server reflection, the request-log/metrics interceptor,
 the bounded worker queue and the message-size limits. :func:`run` loads the model once,
 prints one ``ready`` line, and serves until SIGTERM/SIGINT, then shuts down gracefully:
@@ -27,13 +27,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gramstyle import kernels
 from gramstyle.images import DEFAULT_MAX_PIXELS
+from gramstyle.options import MAX_ITERATIONS, MAX_SIZE
 from gramstyle.server.admission import WorkQueue
 from gramstyle.server.engine import StyleTransfer
 from gramstyle.server.interceptors import RequestLogInterceptor
 from gramstyle.server.metrics import Metrics
-from gramstyle.server.options import MAX_ITERATIONS, MAX_SIZE
-from gramstyle.server.service import SERVICE_NAME, StyleTransferService, weights_name
+from gramstyle.server.service import SERVICE_NAME, StyleTransferService
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class GramstyleServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
-        pb_grpc.add_StyleTransferServicer_to_server(self.service, self.server)
+        pb_grpc.add_StyleTransferServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -169,7 +170,11 @@ def run(config: ServeConfig) -> int:
         metrics_note = f", metrics on :{metrics_port}/metrics"
     server.start()
     default = engines[0]
-    models = ", ".join(f"{e.arch}/{weights_name(e)}" for e in engines)
+    models = ", ".join(f"{e.arch}/{e.weights_name}" for e in engines)
+    problem = kernels.load_error()
+    if problem is not None:
+        log.error("the compiled Gram op did not load (%s); running the einsum fallback, "
+                  "which is slower. Reinstall gramstyle against the installed torch.", problem)
     print(f"gramstyle server ready on port {server.port}: model {models}, device "
           f"{default.device}, backend {default.backend}, workers {config.workers}, "
           f"queue {config.queue_size}{metrics_note}", flush=True)

@@ -21,9 +21,9 @@ from PIL import Image
 
 from gramstyle.client import AsyncClient, Client, ServiceError
 from gramstyle.client.channel import normalize_target, service_config
-from gramstyle.client.requests import losses_request, stylize_request
+from gramstyle.codec import losses_request, stylize_request
 from gramstyle.images import load_image, resize_long_side
-from gramstyle.server import StyleOptions
+from gramstyle.options import StyleOptions
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -116,9 +116,17 @@ def test_errors_are_service_errors(client, cat, starry, tmp_path):
     assert error.value.message.startswith("content[0]: cannot decode image")
     assert error.value.caller_mistake and error.value.request_id
     assert str(error.value).startswith("INVALID_ARGUMENT: content[0]:")
+    # google.rpc.BadRequest details name the field, for programs that branch on it.
+    assert error.value.fields == ["content[0]"]
+    assert error.value.violations[0].description.startswith("cannot decode image")
     with pytest.raises(ServiceError) as error:
         client.compute_losses(cat, [cat], [starry], weights="imagenet")
     assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.fields == ["weights"]
+    with pytest.raises(ServiceError) as error:
+        client.stylize(cat, starry, style_layers=["relu1_1", "relu9_1"], size=32, iterations=1)
+    assert error.value.fields == ["style_layers"]
+    assert error.value.message.startswith("style_layers: unknown layer 'relu9_1'")
     # Local mistakes are caught before anything is sent.
     with pytest.raises(ValueError, match=r"^style\[0\]: file not found"):
         client.stylize(cat, tmp_path / "missing.jpg")
@@ -198,7 +206,7 @@ def test_async_client(server, cat, starry):
 # ------------------------------------------------------------------ channel: balancing, retries
 
 
-class FakeService(pb_grpc.StyleTransferServicer):
+class FakeService(pb_grpc.StyleTransferServiceServicer):
     """GetServerInfo only; fails with UNAVAILABLE for the first ``failures`` calls."""
 
     def __init__(self, name: str, failures: int = 0):
@@ -211,7 +219,7 @@ class FakeService(pb_grpc.StyleTransferServicer):
             fail = self.calls <= self.failures
         if fail:
             context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        return pb.ServerInfo(version=self.name)
+        return pb.GetServerInfoResponse(version=self.name)
 
 
 @pytest.fixture
@@ -221,7 +229,7 @@ def fake_servers():
     def start(name: str, failures: int = 0) -> tuple[FakeService, int]:
         service = FakeService(name, failures)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_StyleTransferServicer_to_server(service, server)
+        pb_grpc.add_StyleTransferServiceServicer_to_server(service, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         started.append(server)

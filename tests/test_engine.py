@@ -16,9 +16,11 @@ from PIL import Image
 
 from gramstyle import kernels
 from gramstyle.images import load_image, resize_long_side
-from gramstyle.server import StyleOptions, StyleTransfer
-from gramstyle.server.engine import preserve_colors, to_tensor
+from gramstyle.options import StyleOptions
+from gramstyle.server import StyleTransfer
+from gramstyle.server.colour import keep_colours, to_tensor
 from gramstyle.server.extractor import VGGFeatures, WeightsError, imagenet_weights_path
+from gramstyle.server.objective import Objective
 
 
 def small(path, size=64) -> Image.Image:
@@ -281,7 +283,7 @@ def test_preserve_colors_keeps_content_chroma(random_engine, images):
     content = small(images["cat"], 48)
     # Re-applying colour preservation changes nothing: the chroma already is the content's.
     out, ref = to_tensor(result.image, "cpu"), to_tensor(content, "cpu")
-    torch.testing.assert_close(preserve_colors(out, ref), out, atol=0.02, rtol=0)
+    torch.testing.assert_close(keep_colours(out, ref), out, atol=0.02, rtol=0)
 
 
 def test_style_scale_changes_style_target(random_engine, images):
@@ -300,15 +302,16 @@ def test_compute_losses_gradient_matches_finite_difference(random_engine, images
     assert report.gradient.shape == (3, candidate.height, candidate.width)
     assert report.gradient.dtype == np.float32 and np.abs(report.gradient).max() > 0
     # Directional derivative along the gradient, by central differences in float32.
-    problem = random_engine._prepare([load_image(images["cat"])],
-                                     [load_image(images["starry"])],
-                                     random_engine._options(options), size=candidate.size)
+    # The engine's own objective, built as compute_losses builds it.
+    problem = Objective.build(random_engine.extractor, [load_image(images["cat"])],
+                              [load_image(images["starry"])], random_engine.validate(options),
+                              size=candidate.size)
     x = to_tensor(candidate, "cpu")
     direction = torch.from_numpy(report.gradient.copy())[None]
     direction /= direction.norm()
     eps = 1e-2
-    plus, _ = random_engine._evaluate(problem, x + eps * direction, options)
-    minus, _ = random_engine._evaluate(problem, x - eps * direction, options)
+    plus, _ = problem.evaluate(x + eps * direction)
+    minus, _ = problem.evaluate(x - eps * direction)
     numeric = (plus - minus).item() / (2 * eps)
     analytic = float(np.sum(report.gradient * direction[0].numpy()))
     assert numeric == pytest.approx(analytic, rel=0.05)
@@ -317,7 +320,8 @@ def test_compute_losses_gradient_matches_finite_difference(random_engine, images
 BACKEND_SCRIPT = """
 import json, sys
 from gramstyle.images import load_image, resize_long_side
-from gramstyle.server import StyleOptions, StyleTransfer
+from gramstyle.options import StyleOptions
+from gramstyle.server import StyleTransfer
 candidate, content, style = sys.argv[1:4]
 engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
 report = engine.compute_losses(resize_long_side(load_image(candidate), 64), [content], [style],

@@ -31,12 +31,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 
 from gramstyle.images import load_image, resize_long_side
-from gramstyle.server import StyleOptions
+from gramstyle.options import StyleOptions
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
-SERVICE = "gramstyle.v1.StyleTransfer"
+SERVICE = "gramstyle.v1.StyleTransferService"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,8 +75,8 @@ def channel(server):
 
 
 @pytest.fixture(scope="module")
-def stub(channel) -> pb_grpc.StyleTransferStub:
-    return pb_grpc.StyleTransferStub(channel)
+def stub(channel) -> pb_grpc.StyleTransferServiceStub:
+    return pb_grpc.StyleTransferServiceStub(channel)
 
 
 def wait_idle(server: GramstyleServer, timeout: float = 10.0) -> float:
@@ -455,7 +455,7 @@ def test_sigterm_lets_the_call_finish(images, tmp_path):
         assert "ready on port" in ready, (ready, stderr_lines)
         port = int(ready.split("ready on port ")[1].split(":")[0])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.StyleTransferStub(channel)
+            stub = pb_grpc.StyleTransferServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -473,7 +473,7 @@ def test_sigterm_lets_the_call_finish(images, tmp_path):
             while True:
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:
                     try:
-                        pb_grpc.StyleTransferStub(fresh).GetServerInfo(
+                        pb_grpc.StyleTransferServiceStub(fresh).GetServerInfo(
                             pb.GetServerInfoRequest(), timeout=5)
                     except grpc.RpcError as refused:
                         # UNAVAILABLE once the listener is closed; a call that raced the
@@ -496,7 +496,7 @@ def test_sigterm_lets_the_call_finish(images, tmp_path):
     log = "".join(stderr_lines)
     assert "received SIGTERM" in log
     # One log line per request: request id, rpc, code, duration.
-    lines = [line for line in log.splitlines() if "rpc=gramstyle.v1.StyleTransfer/Stylize" in line]
+    lines = [line for line in log.splitlines() if f"rpc={SERVICE}/Stylize" in line]
     assert len(lines) == 1 and "code=OK" in lines[0] and "duration_ms=" in lines[0]
     assert "request_id=" in lines[0]
 
@@ -507,7 +507,6 @@ def test_metrics_endpoint(stub, server, data):
     port = server.metrics.serve_http(0, addr="127.0.0.1")
     stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert ('gramstyle_requests_total{code="OK",rpc="gramstyle.v1.StyleTransfer/GetServerInfo"}'
-            in text)
+    assert f'gramstyle_requests_total{{code="OK",rpc="{SERVICE}/GetServerInfo"}}' in text
     assert "gramstyle_request_duration_seconds_bucket" in text
     assert "gramstyle_queue_depth 0.0" in text and "gramstyle_iterations_total" in text

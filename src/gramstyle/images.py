@@ -35,14 +35,6 @@ class ImageError(ValueError):
         self.field = field
 
 
-def _describe(source: ImageSource) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return repr(os.fspath(source))
-    if isinstance(source, Image.Image):
-        return "PIL image"
-    return f"{len(source)} bytes"
-
-
 def _check_size(width: int, height: int, field: str, max_pixels: int | None) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(field, f"zero-size image ({width}x{height})")
@@ -144,6 +136,30 @@ def load_image(
                                 "supported image") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(field, f"corrupt or truncated image ({what}): {exc}") from exc
+
+
+def read_image_bytes(source: ImageSource, field: str) -> bytes:
+    """The encoded bytes of a path, bytes or PIL image (encoded as PNG), undecoded.
+
+    Used where an image travels as it is (the client sends the original file bytes; the
+    server decodes them with :func:`load_image`). Raises ImageError naming ``field``.
+    """
+    if isinstance(source, Image.Image):
+        return encode_image(source, "png")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ImageError(field, f"file not found: {path!r}") from None
+        except IsADirectoryError:
+            raise ImageError(field, f"is a directory, not an image file: {path!r}") from None
+        except OSError as exc:
+            raise ImageError(field, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    raise ImageError(field, f"expected a path, bytes or PIL image, got {type(source).__name__}")
 
 
 def format_for_path(path: str | os.PathLike, field: str = "output") -> str:

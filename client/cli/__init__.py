@@ -1,0 +1,85 @@
+"""The ``gramstyle`` command line: one module per command.
+
+    gramstyle stylize --content cat.png --style starry.jpg -o out.png --size 512
+    gramstyle info
+    gramstyle losses candidate.png --content cat.png --style starry.jpg
+    gramstyle serve --arch vgg16 --weights vgg16.pth --port 50051
+    gramstyle stylize ... --server localhost:50051      (stylize/info/losses on a server)
+
+Exit codes: 0 success, 2 a caller's mistake (bad option, bad image, bad weights file; for a
+server: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ...), 1 anything else. A server
+error prints its status code name and message. Errors name the option and the bad value.
+Nothing half-written is left at an output path: files are written atomically at the end.
+
+This package stays importable without torch (client-only install): the engine and the
+server are imported only when a command runs in-process or serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from gramstyle import __version__
+from gramstyle.client.cli import info, losses, serve, stylize
+from gramstyle.client.cli.flags import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    flag_message,
+)
+from gramstyle.client.errors import ServiceError
+from gramstyle.images import ImageError
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CLIError", "build_parser", "flag_message",
+           "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gramstyle", description="Gatys-style neural style transfer (engine, service, CLI)")
+    parser.add_argument("--version", action="version", version=f"gramstyle {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (stylize, losses, serve, info):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gramstyle`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
+        return exc.code
+    except ServiceError as exc:
+        # The server's message already names the request field; keep it verbatim.
+        print(f"gramstyle: error: server answered {exc.code.name}: {exc.message}",
+              file=sys.stderr)
+        return EXIT_USAGE if exc.caller_mistake else EXIT_FAILURE
+    except (ValueError, ImageError) as exc:
+        print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gramstyle: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # torch.OutOfMemoryError is checked by name: this package must not import torch.
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            print(f"gramstyle: error: out of memory ({str(exc).splitlines()[0]}); lower "
+                  "--size or --style-scale, or use --precision bf16", file=sys.stderr)
+            return EXIT_FAILURE
+        if os.environ.get("GRAMSTYLE_DEBUG"):
+            raise
+        # Anything else is a bug: say so in one line, with the traceback on request.
+        print(f"gramstyle: error: internal error: {type(exc).__name__}: {exc} (set "
+              "GRAMSTYLE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""What the commands share: the option flags (generated from the StyleOptions declarations),
+the network and remote flags, and the error type.
+
+Option flags default to None, so that only the flags actually given count: in-process the
+declaration's default applies, and with --server the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Any
+
+from gramstyle.images import load_image
+from gramstyle.options import (
+    ARCHS,
+    DEVICES,
+    POOLINGS,
+    OptionSpec,
+    StyleOptions,
+    flag_of,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+#: Field names whose CLI flag is not simply --field-with-dashes, beyond the options' own.
+_EXTRA_FLAGS = {"progress_sheet": "--progress-sheet"}
+_FLAGS = {name: flag_of(name, spec) for name, spec, _ in StyleOptions.specs()}
+
+
+class CLIError(Exception):
+    """An error to print and exit with; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def flag_message(message: str) -> str:
+    """Rewrite an API error "content_weight: ..." / "content[1]: ..." to name the CLI flag."""
+    match = re.match(r"^([a-z_]+)(?:\[(\d+)\])?:", message)
+    if not match:
+        return message
+    field, index = match.groups()
+    flag = _FLAGS.get(field) or _EXTRA_FLAGS.get(field) or "--" + field.replace("_", "-")
+    where = f"{flag} #{int(index) + 1}" if index is not None else flag
+    return f"{where}:{message[match.end():]}"
+
+
+# ---------------------------------------------------------------------------- value parsers
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text.strip()!r} is not a number") from None
+
+
+def finite_float(text: str) -> float:
+    value = _number(text)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    values = []
+    for part in text.split(","):
+        value = _number(part)
+        if math.isnan(value) or value < 0 or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: weights must be finite "
+                                             f"and >= 0")
+        values.append(value)
+    return tuple(values)
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
+    """How argparse reads one option, from its declared kind."""
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    help_text = spec.help + (f" (default {shown})" if default is not None else "")
+    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+    if spec.metavar:
+        kwargs["metavar"] = spec.metavar
+    if spec.kind == "bool":
+        return {**kwargs, "action": "store_true"}
+    if spec.kind == "choice":
+        return {**kwargs, "choices": spec.choices}
+    parse = {"int": int, "float": finite_float if spec.low == 0 else _number,
+             "layers": _name_list, "layer_weights": _float_list,
+             "blend_weights": _float_list}[spec.kind]
+    return {**kwargs, "type": parse}
+
+
+def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
+    """A flag for every option in ``scope`` ('losses' or 'stylize'), plus --content/--style."""
+    images = parser.add_argument_group("images")
+    images.add_argument("--content", action="append", default=[], metavar="IMAGE",
+                        help="content image (repeat for several targets)")
+    images.add_argument("--style", action="append", default=[], metavar="IMAGE",
+                        help="style image (repeat to blend several styles)")
+    groups = {"losses": parser.add_argument_group("losses")}
+    if scope == "stylize":
+        groups["stylize"] = parser.add_argument_group("optimisation")
+    for name, spec, default in StyleOptions.specs(scope):
+        group = images if spec.kind == "blend_weights" else groups[spec.scope]
+        group.add_argument(flag_of(name, spec), dest=name, **_argparse_kwargs(spec, default))
+
+
+def given_options(args: argparse.Namespace, scope: str) -> dict[str, Any]:
+    """The options given on the command line (those left out are absent)."""
+    return {name: getattr(args, name) for name, _, _ in StyleOptions.specs(scope)
+            if getattr(args, name, None) is not None}
+
+
+def check_image_files(args: argparse.Namespace) -> None:
+    """Decode every --content/--style file once, so a bad one fails before a model loads or a
+    server is called. The paths (not the decoded images) are passed on afterwards, so that a
+    server receives the original bytes."""
+    for field in ("content", "style"):
+        for i, path in enumerate(getattr(args, field)):
+            load_image(path, f"{field}[{i}]", max_pixels=None)
+
+
+# ---------------------------------------------------------------------------- network, remote
+
+#: Defaults of the network flags. They are filled in after parsing (the parser's default is
+#: None) so that with --server only the flags actually given are sent: a server picks its own
+#: default model, and --pooling/--device are the server's choice.
+MODEL_DEFAULTS = {"arch": "vgg19", "weights": "imagenet", "pooling": "max", "device": "auto"}
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--arch, --weights, --pooling, --device: which network runs (in-process or `serve`)."""
+    group = parser.add_argument_group("network")
+    group.add_argument("--arch", choices=ARCHS, help="feature extractor (default: vgg19; with "
+                       "--server: the server's default model)")
+    group.add_argument("--weights",
+                       help="imagenet (torchvision download cache), random (seeded RandomNet) "
+                            "or a path to a VGG / VGG-features state_dict (default: imagenet); "
+                            "with --server: one of the weights the server loaded")
+    group.add_argument("--pooling", choices=POOLINGS, help="max (default) or avg")
+    group.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
+
+
+def model_option(args: argparse.Namespace, name: str) -> str:
+    """The value of a network flag, or its default."""
+    return getattr(args, name, None) or MODEL_DEFAULTS[name]
+
+
+def add_remote_flags(parser: argparse.ArgumentParser) -> None:
+    """--server and --timeout: run the command on a gramstyle server instead of in-process."""
+    group = parser.add_argument_group("remote")
+    group.add_argument("--server", metavar="HOST:PORT",
+                       help="run on this gramstyle server (several: comma-separated, balanced "
+                            "round_robin; or a gRPC target such as dns:///host:port)")
+    group.add_argument("--timeout", type=finite_float, metavar="SECONDS",
+                       help="deadline of the call with --server (default: none)")
+
+
+def connect(args: argparse.Namespace):
+    """A Client for --server (use it in a ``with``); --pooling/--device are refused there."""
+    from gramstyle.client.client import Client
+
+    for name in ("pooling", "device"):
+        if getattr(args, name, None) is not None:
+            raise CLIError(f"--{name}: is chosen when the server starts (gramstyle serve "
+                           f"--{name}); it cannot be set with --server")
+    try:
+        return Client(args.server, timeout=args.timeout)
+    except ValueError as exc:
+        raise CLIError(f"--server: {exc}".replace("--server: server: ", "--server: ")) from None
+
+
+def load_engine(args: argparse.Namespace):
+    """The in-process engine; the torch-based server extra is imported only here."""
+    if getattr(args, "timeout", None) is not None:
+        raise CLIError("--timeout: is the deadline of a call to --server; it does not apply "
+                       "in-process")
+    try:
+        from gramstyle.server.engine import StyleTransfer
+    except ImportError as exc:
+        raise CLIError(f"running in-process needs the server extra (pip install "
+                       f"'gramstyle[server]'): {exc}; or pass --server HOST:PORT",
+                       EXIT_FAILURE) from exc
+    return StyleTransfer(arch=model_option(args, "arch"), weights=model_option(args, "weights"),
+                         pooling=model_option(args, "pooling"),
+                         device=model_option(args, "device"))

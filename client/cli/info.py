@@ -1,0 +1,43 @@
+"""``gramstyle info``: versions, device and kernel backend of this install, or a server's."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+from gramstyle import __version__
+from gramstyle.client.cli.flags import EXIT_OK, add_remote_flags, connect
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="print versions, device and kernel backend (or a "
+                       "server's models, layers and limits)")
+    add_remote_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.server:
+        from gramstyle.client.report import format_server_info
+
+        with connect(args) as client:
+            print(format_server_info(client.server_info(), client.target))
+        return EXIT_OK
+    print(f"gramstyle {__version__}")
+    print(f"python    {platform.python_version()} ({platform.machine()})")
+    try:
+        import torch
+    except ImportError:
+        print("torch     not installed (client-only install; use --server for remote work)")
+        return EXIT_OK
+    from gramstyle import kernels
+
+    cuda = torch.cuda.is_available()
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
+    print(f"torch     {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"device    {device}, {torch.get_num_threads()} CPU threads")
+    print(f"kernel    {kernels.backend()}")
+    problem = kernels.load_error()
+    if problem:
+        print(f"          the compiled op did not load: {problem}")
+    return EXIT_OK

@@ -1,0 +1,115 @@
+"""``gramstyle stylize``: optimise an image, in-process or on a server."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from gramstyle import codec
+from gramstyle.client.cli.flags import (
+    EXIT_OK,
+    CLIError,
+    add_model_flags,
+    add_option_flags,
+    add_remote_flags,
+    check_image_files,
+    connect,
+    given_options,
+    load_engine,
+)
+from gramstyle.images import check_output_path, format_for_path, load_image, save_image
+from gramstyle.options import StyleOptions
+
+
+def frame_path(output: Path, iteration: int) -> Path:
+    """Where --save-every writes the frame of ``iteration``: out.png -> out_0050.png."""
+    return output.with_name(f"{output.stem}_{iteration:04d}{output.suffix}")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stylize", help="stylize an image (in-process, or on a server)",
+                       description="Optimise an image to match content features and style "
+                                   "Gram matrices.")
+    add_option_flags(p, "stylize")
+    p.add_argument_group("optimisation").add_argument(
+        "--init-image", metavar="IMAGE", help="start image for --init image")
+    add_model_flags(p)
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
+    g.add_argument("--save-every", type=int, metavar="N",
+                   help="also write the image every N iterations (out_0050.png, ...)")
+    g.add_argument("--progress-sheet", metavar="PNG",
+                   help="write the initial, intermediate and final images side by side")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_remote_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run style transfer with a tqdm bar, frames and a progress sheet."""
+    from tqdm import tqdm
+
+    output = check_output_path(args.output, "output")
+    if args.progress_sheet:
+        check_output_path(args.progress_sheet, "progress_sheet")
+    if args.save_every is not None and args.save_every < 1:
+        raise CLIError(f"--save-every: must be >= 1, got {args.save_every}")
+    given = given_options(args, "stylize")
+    options = StyleOptions(**given).validated()
+    if not args.content and not args.style:
+        raise CLIError("--content/--style: give at least one image")
+    total = options.iterations * options.scales
+    if args.save_every and args.save_every >= total:
+        print(f"gramstyle: warning: --save-every {args.save_every} is not below the "
+              f"{total} iterations; no frames will be written", file=sys.stderr)
+    check_image_files(args)
+    if args.init_image:
+        load_image(args.init_image, "init_image", max_pixels=None)
+
+    every = options.progress_every
+    frames: list = []
+    want_preview = bool(args.save_every or args.progress_sheet)
+
+    def on_progress(p) -> None:
+        bar.update(p.iteration - bar.n)
+        bar.set_postfix(total=f"{p.losses.total:.4g}", content=f"{p.losses.content:.3g}",
+                        style=f"{p.losses.style:.3g}", refresh=False)
+        if p.image is None:
+            return
+        if args.save_every and p.iteration and p.iteration % args.save_every == 0 \
+                and p.iteration < p.iterations:
+            save_image(p.image, frame_path(output, p.iteration), "--save-every")
+        if p.iteration % every == 0 or p.iteration == p.iterations:
+            frames.append((p.iteration, p.image))
+
+    with tqdm(total=total, unit="it", desc="stylize", disable=args.quiet) as bar:
+        if args.server:
+            # Every progress message with a preview carries an encoded image, so ask for
+            # them only as often as frames are wanted; without previews, messages are tiny.
+            given["progress_every"] = (math.gcd(every, args.save_every or every)
+                                       if want_preview else 1)
+            with connect(args) as client:
+                result = client.stylize(
+                    args.content, args.style, progress=on_progress, preview=want_preview,
+                    init_image=args.init_image, arch=args.arch or "",
+                    weights=args.weights or "",
+                    output_format=codec.format_name(format_for_path(output)), **given)
+        else:
+            options.progress_every = 1  # the bar moves every iteration; frames picked above
+            result = load_engine(args).stylize(args.content, args.style, options,
+                                               init_image=args.init_image,
+                                               progress=on_progress, preview=want_preview)
+    save_image(result.image, output, "output")
+    if args.progress_sheet:
+        from gramstyle.client.progress_sheet import save_progress_sheet
+
+        label, source = ("content", args.content[0]) if args.content else ("style", args.style[0])
+        save_progress_sheet(frames, args.progress_sheet, (label, load_image(source, label)))
+    losses = result.losses
+    print(f"wrote {output} ({result.image.width}x{result.image.height}) after "
+          f"{result.iterations} iterations in {result.elapsed_s:.1f} s; total {losses.total:.4g} "
+          f"(content {losses.content:.4g}, style {losses.style:.4g}, tv {losses.tv:.4g}); "
+          f"kernel {result.backend} on {result.device}")
+    return EXIT_OK

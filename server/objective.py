@@ -1,0 +1,194 @@
+"""The objective of one run: target features at one output size, and the loss they define.
+
+    objective = Objective.build(extractor, contents, styles, options)   # checks, then targets
+    total, losses = objective.evaluate(x)    # x: [1, 3, H, W] RGB in [0, 1]
+
+    total(x) = content_weight * content(x) + style_weight * style(x) + tv_weight * tv(x)
+
+with the terms of :mod:`gramstyle.server.losses`. An :class:`Objective` is plain data (the
+loss modules, their weights, the pixels they were built from); building one runs the network
+on the targets once, evaluating it runs the network on ``x``.
+
+The checks that need the network live here, in :func:`check_against_network`; the options'
+own bounds are in their declaration (:class:`gramstyle.options.StyleOptions`), and the
+checks of the images given against the options in :func:`check_images`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from gramstyle.images import resize_long_side
+from gramstyle.options import StyleOptions, check_weights
+from gramstyle.results import Losses
+from gramstyle.server.colour import to_tensor
+from gramstyle.server.extractor import VGGFeatures
+from gramstyle.server.losses import ContentLoss, LayerSum, StyleLoss, tv_loss
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The network's precision: bf16 autocast for 'bf16', nothing for 'fp32'."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def style_side(width: int, height: int, style_scale: float) -> int:
+    """Long side (px) the style images are resized to for a ``width`` x ``height`` output."""
+    return max(16, round(max(width, height) * style_scale))
+
+
+def check_images(contents: Sequence[Image.Image], styles: Sequence[Image.Image],
+                 options: StyleOptions) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Check that the images given suit ``options``; return the content and style blend
+    weights (one per image, not yet normalised)."""
+    if options.content_weight > 0 and options.content_layers and not contents:
+        raise ValueError("content: at least one content image is needed when "
+                         "content_weight > 0 (set content_weight to 0 for pure texture "
+                         "synthesis)")
+    if options.style_weight > 0 and options.style_layers and not styles:
+        raise ValueError("style: at least one style image is needed when style_weight > 0 "
+                         "(set style_weight to 0 for pure feature inversion)")
+    if not contents and not styles:
+        raise ValueError("content/style: give at least one content or style image")
+    content_blend = check_weights("content_blend_weights", options.content_blend_weights,
+                                  len(contents))
+    style_blend = check_weights("style_blend_weights", options.style_blend_weights, len(styles))
+    if options.preserve_colors and not contents:
+        raise ValueError("preserve_colors: needs a content image to take the colours from")
+    return content_blend, style_blend
+
+
+def check_against_network(extractor: VGGFeatures, options: StyleOptions,
+                          output: tuple[int, int] | None = None, *, content: bool = True,
+                          styles: Sequence[tuple[int, int]] = (),
+                          output_field: str = "size") -> StyleOptions:
+    """Every check of ``options`` that needs the network; returns ``options``.
+
+    Always: each of ``content_layers``/``style_layers`` exists and is listed once; both are
+    replaced, in place, by the canonical names (``"22"`` -> ``"relu4_2"``).
+
+    With ``output`` (width, height in px): every feature map used keeps at least one pixel,
+    for the output image (named ``output_field`` in errors; its layers are the content layers
+    when ``content`` images are used and the style layers when ``styles`` are) and for each
+    style image at its resized (width, height) ``styles[i]``. This runs before the network
+    does, so a too-small image is a clear ValueError rather than a failed convolution.
+    """
+    options.content_layers = extractor.resolve_all(options.content_layers, "content_layers")
+    options.style_layers = extractor.resolve_all(options.style_layers, "style_layers")
+    if output is None:
+        return options
+    width, height = output
+    layer, need = extractor.min_side((options.content_layers if content else ())
+                                     + (options.style_layers if styles else ()))
+    if min(width, height) < need:
+        raise ValueError(f"{output_field}: the image would be {width}x{height} px, too "
+                         f"small for layer {layer} (its short side must be at least {need} "
+                         f"px); use a larger size or shallower layers")
+    if styles:
+        layer, need = extractor.min_side(options.style_layers)
+        for i, (w, h) in enumerate(styles):
+            if min(w, h) < need:
+                raise ValueError(f"style[{i}]: resized to {w}x{h} px (long side "
+                                 f"size*style_scale = {max(w, h)}), too small for layer "
+                                 f"{layer} (short side at least {need} px); raise "
+                                 f"style_scale or size")
+    return options
+
+
+@dataclass
+class Objective:
+    """What one run minimises at one output size. Build it with :meth:`build`."""
+
+    extractor: VGGFeatures
+    #: Per-layer losses against the targets; None when the kind has no images or no layers.
+    content: LayerSum | None
+    style: LayerSum | None
+    content_weight: float
+    style_weight: float
+    tv_weight: float
+    #: 'fp32' or 'bf16' (autocast of the network; losses stay float32).
+    precision: str
+    #: The output size in px.
+    width: int
+    height: int
+    #: The target images as used, [1, 3, H, W] RGB in [0, 1]: the contents at the output
+    #: size, the styles at long side :func:`style_side`. The start image and colour
+    #: preservation take their pixels from here.
+    contents: list[torch.Tensor]
+    styles: list[torch.Tensor]
+    #: The pixels whose colours (chroma) the output keeps, or None to keep its own.
+    colours_of: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, extractor: VGGFeatures, contents: Sequence[Image.Image],
+              styles: Sequence[Image.Image], options: StyleOptions,
+              size: tuple[int, int] | None = None, output_field: str = "size") -> Objective:
+        """Check the images against ``options`` and the network, then compute the targets.
+
+        ``options`` must be validated (:meth:`StyleTransfer.validate`). ``size`` = (width,
+        height) of the output in px; by default the first content (or style) image resized
+        to long side ``options.size``. Content images are resized to exactly ``size``, style
+        images to long side ``max(size) * style_scale``.
+        """
+        content_blend, style_blend = check_images(contents, styles, options)
+        if size is None:
+            size = resize_long_side(contents[0] if contents else styles[0], options.size).size
+        width, height = size
+        side = style_side(width, height, options.style_scale)
+        styles = [resize_long_side(s, side) for s in styles]
+        check_against_network(extractor, options, size, content=bool(contents),
+                              styles=[s.size for s in styles], output_field=output_field)
+
+        device = extractor.mean.device
+        content_t = [to_tensor(c.resize(size, Image.Resampling.LANCZOS)
+                               if c.size != size else c, device) for c in contents]
+        style_t = [to_tensor(s, device) for s in styles]
+        content_layers = list(options.content_layers) if contents else []
+        style_layers = list(options.style_layers) if styles else []
+        content_loss = style_loss = None
+        with torch.no_grad(), autocast(device, options.precision):
+            if content_layers:
+                feats = [extractor(c, content_layers) for c in content_t]
+                content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
+                                         for n in content_layers}, options.content_layer_weights)
+            if style_layers:
+                feats = [extractor(s, style_layers) for s in style_t]
+                style_loss = LayerSum({n: StyleLoss([f[n] for f in feats], style_blend)
+                                       for n in style_layers}, options.style_layer_weights)
+        return cls(extractor, content_loss, style_loss, options.content_weight,
+                   options.style_weight, options.tv_weight, options.precision, width, height,
+                   content_t, style_t, content_t[0] if options.preserve_colors else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.mean.device
+
+    @property
+    def layers(self) -> set[str]:
+        """The layers the losses read."""
+        return {name for term in (self.content, self.style) if term for name in term.layers}
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, Losses]:
+        """The total loss of pixels ``x`` ([1, 3, height, width], RGB in [0, 1]) as a 0-dim
+        float32 tensor (differentiable in ``x``), and all its terms as floats."""
+        with autocast(x.device, self.precision):
+            feats = self.extractor(x, self.layers)
+            content_layers = self.content(feats) if self.content else {}
+            style_layers = self.style(feats) if self.style else {}
+        zero = torch.zeros((), device=x.device)
+        content = self.content.weighted(content_layers) if self.content else zero
+        style = self.style.weighted(style_layers) if self.style else zero
+        tv = tv_loss(x)
+        total = self.content_weight * content + self.style_weight * style + self.tv_weight * tv
+        losses = Losses(
+            total=total.item(), content=content.item(), style=style.item(), tv=tv.item(),
+            content_layers={n: v.item() for n, v in content_layers.items()},
+            style_layers={n: v.item() for n, v in style_layers.items()},
+        )
+        return total, losses

@@ -1,0 +1,384 @@
+"""The one translation between the Python types and the wire messages (gramstyle.v1).
+
+Both sides use it: the client builds requests and reads answers with it, the server reads
+requests and builds answers with it. Nothing else names a message field.
+
+- Options travel in the request field of the same name (see :mod:`gramstyle.options`);
+  the conversion is driven by each option's declared kind, so a new option needs no code
+  here. An option the caller did not give is not sent, and the server applies its default.
+- Enum values are derived from the proto descriptors: ``Precision.PRECISION_BF16`` is
+  ``"bf16"``, ``ImageFormat.IMAGE_FORMAT_JPEG`` is ``"jpeg"``; ``*_UNSPECIFIED`` is the
+  option's declared default.
+- Errors are ``ValueError`` (or ``TypeError`` for an unknown keyword) whose message starts
+  with the option or request field name.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any
+
+from PIL import Image
+
+from gramstyle.images import FORMATS, ImageSource, encode_image, read_image_bytes
+from gramstyle.options import OptionSpec, StyleOptions, enum_choices, enum_prefix
+from gramstyle.results import (
+    Losses,
+    LossReport,
+    ModelInfo,
+    Progress,
+    ServerInfo,
+    StylizeResult,
+)
+from gramstyle.v1 import gramstyle_pb2 as pb
+
+_SPECS: dict[str, OptionSpec] = {name: spec for name, spec, _ in StyleOptions.specs()}
+_DEFAULTS: dict[str, Any] = {name: default for name, _, default in StyleOptions.specs()}
+#: The options each request takes.
+STYLIZE_OPTIONS = tuple(_SPECS)
+LOSS_OPTIONS = tuple(name for name, _, _ in StyleOptions.specs("losses"))
+
+# ---------------------------------------------------------------------------- enums
+
+
+def enum_number(enum: Any, field: str, value: str | int) -> int:
+    """The enum number for an option value (a name like 'bf16', or a number as is)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    choices = enum_choices(enum)
+    key = str(value).lower()
+    if key not in choices:
+        raise ValueError(f"{field}: must be one of {', '.join(choices)}, got {value!r}")
+    return enum.Value(enum_prefix(enum) + key.upper())
+
+
+def enum_value(enum: Any, field: str, number: int, default: Any) -> Any:
+    """The option value for an enum number; UNSPECIFIED gives ``default``."""
+    # proto3 enums are open: an unknown number arrives as a plain int.
+    if number not in enum.values():
+        known = ", ".join(enum.keys())
+        raise ValueError(f"{field}: unknown value {number}; use one of {known}")
+    name = enum.Name(number)
+    if name.endswith("_UNSPECIFIED"):
+        return default
+    return name.removeprefix(enum_prefix(enum)).lower()
+
+
+def format_name(fmt: str, field: str = "output_format") -> str:
+    """The canonical image format name ('png', 'jpeg', 'webp') for a name or alias ('jpg')."""
+    pillow = FORMATS.get(str(fmt).lower())
+    for name in enum_choices(pb.ImageFormat):
+        if FORMATS[name] == pillow:
+            return name
+    raise ValueError(f"{field}: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def output_format(number: int) -> str:
+    """The format name a request's ``output_format`` asks for (UNSPECIFIED: png)."""
+    return enum_value(pb.ImageFormat, "output_format", number, "png")
+
+
+# ---------------------------------------------------------------------------- options -> wire
+
+def _int(name: str, value: Any) -> int:
+    # A proto int field raises a bare TypeError/ValueError for 2.5 or 2**40; name the option.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    limit = 2**63 if name == "seed" else 2**31
+    if not -limit <= value < limit:
+        raise ValueError(f"{name}: out of range, got {value}")
+    return value
+
+
+def _as_list(sources: Sequence[ImageSource] | ImageSource | None) -> list[ImageSource]:
+    if sources is None:
+        return []
+    if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
+            sources, "__fspath__"):
+        return [sources]
+    return list(sources)
+
+
+def _images(sources: Any, weights: Sequence[float] | None, field: str, weights_name: str
+            ) -> list[pb.WeightedImage]:
+    sources = _as_list(sources)
+    if weights is not None and len(weights) != len(sources):
+        # The server would say the same; saying it here saves uploading the images.
+        raise ValueError(f"{weights_name}: expected {len(sources)} value(s), one per image, "
+                         f"got {len(weights)}: {list(weights)}")
+    return [pb.WeightedImage(data=read_image_bytes(s, f"{field}[{i}]"),
+                             weight=None if weights is None else float(weights[i]))
+            for i, s in enumerate(sources)]
+
+
+def _layer_set(layers: Sequence[str] | Mapping[str, float] | str,
+               weights: Sequence[float] | None, weights_name: str) -> pb.LayerSet:
+    if isinstance(layers, str):
+        layers = [part.strip() for part in layers.split(",") if part.strip()]
+    if isinstance(layers, Mapping):
+        weights, layers = list(layers.values()), list(layers.keys())
+    names = [str(name) for name in layers]
+    if weights is not None and len(weights) != len(names):
+        # The wire format has one weight per layer, so the mismatch is reported here.
+        raise ValueError(f"{weights_name}: expected {len(names)} value(s), one per layer, "
+                         f"got {len(weights)}: {list(weights)}")
+    return pb.LayerSet(layers=[
+        pb.WeightedLayer(name=name, weight=None if weights is None else float(weights[i]))
+        for i, name in enumerate(names)])
+
+
+def option_values(options: Any, overrides: Mapping[str, Any], names: Sequence[str]
+                  ) -> dict[str, Any]:
+    """The options to send: the fields of ``options`` (a StyleOptions or any object with its
+    attributes) overridden by keyword arguments; None means "not given"."""
+    unknown = set(overrides) - set(_SPECS)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(_SPECS)}")
+    values = {name: getattr(options, name, None) for name in names} if options is not None \
+        else {}
+    for name, value in overrides.items():
+        if value is not None:
+            if name not in names:
+                raise TypeError(f"{name}: not an option of this call")
+            values[name] = value
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _encode_options(message: Any, values: Mapping[str, Any], images: Mapping[str, Any]) -> None:
+    """Write option values into a request, by each option's declared kind."""
+    for name, spec in _SPECS.items():
+        if spec.kind == "blend_weights":
+            weights = values.get(name)
+            getattr(message, spec.of).extend(_images(images[spec.of], weights, spec.of, name))
+            continue
+        if spec.kind == "layer_weights":
+            continue  # travels inside the LayerSet of its layers
+        if spec.kind == "layers":
+            weights_name = next(n for n, s in _SPECS.items() if s.of == name)
+            if name in values or weights_name in values:
+                layers = values.get(name, _DEFAULTS[name])
+                getattr(message, name).CopyFrom(
+                    _layer_set(layers, values.get(weights_name), weights_name))
+            continue
+        if name not in values:
+            continue
+        value = values[name]
+        if spec.kind == "choice":
+            value = enum_number(spec.enum, name, value)
+        elif spec.kind == "int":
+            value = _int(name, value)
+        elif spec.kind == "float":
+            value = float(value)
+        else:
+            value = bool(value)
+        setattr(message, name, value)
+
+
+def stylize_request(content: Any, style: Any = (), *, options: Any = None,
+                    init_image: ImageSource | None = None, preview: bool = False,
+                    output_format: str = "png", arch: str = "", weights: str = "",
+                    **overrides: Any) -> pb.StylizeRequest:
+    """A StylizeRequest from images (paths, bytes or PIL images) and options.
+
+    ``options`` (a StyleOptions) and keyword overrides give the options; see
+    :meth:`gramstyle.client.Client.stylize_stream` for the rest.
+    """
+    values = option_values(options, overrides, STYLIZE_OPTIONS)
+    request = pb.StylizeRequest(
+        preview=preview,
+        output_format=enum_number(pb.ImageFormat, "output_format",
+                                  format_name(output_format)),
+        arch=arch or "", weights=weights or "")
+    _encode_options(request, values, {"content": content, "style": style})
+    if init_image is not None:
+        request.init_image = read_image_bytes(init_image, "init_image")
+    return request
+
+
+def losses_request(candidate: ImageSource, content: Any = (), style: Any = (), *,
+                   options: Any = None, gradient: bool = False, arch: str = "",
+                   weights: str = "", **overrides: Any) -> pb.ComputeLossesRequest:
+    """A ComputeLossesRequest (see :meth:`gramstyle.client.Client.compute_losses`)."""
+    values = option_values(options, overrides, LOSS_OPTIONS)
+    request = pb.ComputeLossesRequest(
+        candidate=read_image_bytes(candidate, "candidate"), gradient=gradient,
+        arch=arch or "", weights=weights or "")
+    _encode_options(request, values, {"content": content, "style": style})
+    return request
+
+
+# ---------------------------------------------------------------------------- wire -> options
+
+def _has(message: Any, name: str) -> bool:
+    """Whether a field was sent; fields without presence (plain proto3 scalars) always are."""
+    try:
+        return message.HasField(name)
+    except ValueError:
+        return True
+
+
+def _decode_options(request: Any, names: Sequence[str]) -> StyleOptions:
+    options = StyleOptions()
+    for name in names:
+        spec = _SPECS[name]
+        if spec.kind == "blend_weights":
+            images = getattr(request, spec.of)
+            if any(image.HasField("weight") for image in images):  # else None: equal
+                setattr(options, name, tuple(image.weight if image.HasField("weight") else 1.0
+                                             for image in images))
+        elif spec.kind == "layers":
+            if request.HasField(name):  # absent: the default layers
+                layers = getattr(request, name).layers
+                setattr(options, name, tuple(layer.name for layer in layers))
+                if any(layer.HasField("weight") for layer in layers):
+                    weights_name = next(n for n, s in _SPECS.items() if s.of == name)
+                    setattr(options, weights_name, tuple(
+                        layer.weight if layer.HasField("weight") else 1.0 for layer in layers))
+        elif spec.kind == "choice":
+            setattr(options, name, enum_value(spec.enum, name, getattr(request, name),
+                                              _DEFAULTS[name]))
+        elif spec.kind != "layer_weights" and _has(request, name):
+            setattr(options, name, getattr(request, name))
+    return options
+
+
+def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
+    """The options a StylizeRequest asks for (not yet validated)."""
+    options = _decode_options(request, STYLIZE_OPTIONS)
+    if options.init not in (None, "image") and request.init_image:
+        raise ValueError(f"init_image: given, but init is {pb.Init.Name(request.init)}; set "
+                         "init to INIT_IMAGE or leave it unspecified")
+    output_format(request.output_format)  # reject an unknown format before any work
+    return options
+
+
+def losses_options(request: pb.ComputeLossesRequest) -> StyleOptions:
+    """The options a ComputeLossesRequest asks for (not yet validated)."""
+    return _decode_options(request, LOSS_OPTIONS)
+
+
+# ---------------------------------------------------------------------------- results
+
+def _scalar(f: Any) -> bool:
+    repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+    return f.message_type is None and not repeated
+
+
+def _copy_fields(source: Any, message: Any) -> Any:
+    """Set each scalar message field from the attribute of the same name."""
+    for f in message.DESCRIPTOR.fields:
+        if _scalar(f) and hasattr(source, f.name):
+            setattr(message, f.name, getattr(source, f.name))
+    return message
+
+
+def _field_values(message: Any, cls: type) -> dict[str, Any]:
+    """The scalar message fields that are also fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields
+            if f.name in names and _scalar(f)}
+
+
+def losses_message(losses: Losses) -> pb.Losses:
+    message = _copy_fields(losses, pb.Losses())
+    message.content_layers.update(losses.content_layers)
+    message.style_layers.update(losses.style_layers)
+    return message
+
+
+def losses_from(message: pb.Losses) -> Losses:
+    return Losses(**_field_values(message, Losses), content_layers=dict(message.content_layers),
+                  style_layers=dict(message.style_layers))
+
+
+def image_message(image: Image.Image, fmt: str) -> pb.Image:
+    """An encoded Image message (``fmt``: 'png', 'jpeg' or 'webp')."""
+    return pb.Image(data=encode_image(image, fmt), width=image.width, height=image.height,
+                    format=enum_number(pb.ImageFormat, "output_format", fmt))
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def progress_message(progress: Progress, fmt: str) -> pb.StylizeResponse:
+    message = _copy_fields(progress, pb.Progress(losses=losses_message(progress.losses)))
+    if progress.image is not None:
+        message.preview.CopyFrom(image_message(progress.image, fmt))
+    return pb.StylizeResponse(progress=message)
+
+
+def progress_from(message: pb.Progress) -> Progress:
+    return Progress(**_field_values(message, Progress), losses=losses_from(message.losses),
+                    image=_decode(message.preview.data) if message.HasField("preview")
+                    else None)
+
+
+def result_message(result: StylizeResult, fmt: str) -> pb.StylizeResponse:
+    stats = _copy_fields(result, pb.Stats(losses=losses_message(result.losses)))
+    return pb.StylizeResponse(result=pb.Result(image=image_message(result.image, fmt),
+                                               stats=stats))
+
+
+def result_from(message: pb.Result) -> StylizeResult:
+    stats = message.stats
+    return StylizeResult(image=_decode(message.image.data), **_field_values(stats, StylizeResult),
+                         losses=losses_from(stats.losses), data=message.image.data,
+                         format=output_format(message.image.format))
+
+
+def loss_report_message(report: LossReport) -> pb.ComputeLossesResponse:
+    message = _copy_fields(report, pb.ComputeLossesResponse(losses=losses_message(report.losses)))
+    if report.gradient_bytes is not None:
+        message.gradient.CopyFrom(pb.Tensor(shape=list(report.gradient_shape),
+                                            data=report.gradient_bytes))
+    return message
+
+
+def loss_report_from(message: pb.ComputeLossesResponse) -> LossReport:
+    has_gradient = message.HasField("gradient")
+    return LossReport(**_field_values(message, LossReport), losses=losses_from(message.losses),
+                      gradient_shape=tuple(message.gradient.shape) if has_gradient else None,
+                      gradient_bytes=message.gradient.data if has_gradient else None)
+
+
+def server_info_message(info: ServerInfo) -> pb.GetServerInfoResponse:
+    message = _copy_fields(info, pb.GetServerInfoResponse(limits=pb.Limits(**info.limits)))
+    for model in info.models:
+        message.models.append(_copy_fields(model, pb.ModelInfo(layer_names=model.layer_names)))
+    return message
+
+
+def server_info_from(message: pb.GetServerInfoResponse) -> ServerInfo:
+    return ServerInfo(**_field_values(message, ServerInfo),
+                      limits={f.name: getattr(message.limits, f.name)
+                              for f in message.limits.DESCRIPTOR.fields},
+                      models=[ModelInfo(**_field_values(m, ModelInfo),
+                                        layer_names=list(m.layer_names)) for m in message.models])
+
+
+# ---------------------------------------------------------------------------- errors
+
+_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:/[a-z_]+)?):\s")
+
+
+def error_field(message: str) -> str | None:
+    """The field an error message names ("style_layers: unknown layer ..." -> style_layers;
+    "content[1]: ..." -> content[1]), or None."""
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+__all__ = [
+    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "enum_number", "enum_value", "error_field",
+    "format_name", "image_message", "loss_report_from", "loss_report_message",
+    "losses_from", "losses_message", "losses_options", "losses_request", "option_values",
+    "output_format", "progress_from", "progress_message", "result_from", "result_message",
+    "server_info_from", "server_info_message", "stylize_options", "stylize_request",
+]
