@@ -31,7 +31,7 @@ import gramstyle
 from gramstyle import codec
 from gramstyle.options import MAX_ITERATIONS
 from gramstyle.results import ModelInfo, ServerInfo
-from gramstyle.server.admission import WorkQueue
+from gramstyle.server.admission import QueueFull, WorkQueue
 from gramstyle.server.engine import Cancelled, StyleTransfer
 from gramstyle.server.status import ModelNotLoaded, abort
 from gramstyle.v1 import gramstyle_pb2 as pb
@@ -91,7 +91,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     def _submit(self, context: grpc.ServicerContext, job: Callable[[], object]) -> Future:
         try:
             return self.work.submit(job, should_run=context.is_active)
-        except Exception as exc:  # noqa: BLE001 -- QueueFull, mapped to its status
+        except QueueFull as exc:
             abort(context, exc)
 
     def Stylize(self, request: pb.StylizeRequest, context: grpc.ServicerContext
