@@ -3,13 +3,16 @@
 The plain implementation is the PyTorch tutorial's recipe (VGG19 ``features``, Gram =
 F·Fᵀ/(C·H·W) with bmm, MSE losses, L-BFGS, float32, default memory layout). gramstyle runs the
 same network and layers through ``StyleTransfer.stylize`` (fused Gram kernel, channels_last on
-CPU, optional bf16 autocast). Both use seeded random VGG19 weights: speed does not depend on
-the weight values.
+CPU, optional bf16 autocast), in fp32, bf16 and its default precision (auto: bf16 where the
+hardware runs it natively), without the early stop (tolerance 0). Both use seeded random
+VGG19 weights: speed does not depend on the weight values.
 
 Per-iteration time is (time of N+1 iterations − time of 1 iteration) / N, each the best of
 two runs, so set-up (target features, image loading) is excluded for both.
 
     python bench/bench_engine.py --sizes 256 512 --iterations 5
+    python bench/bench_engine.py --sizes 512 --compile          # + torch.compile'd extractor
+    python bench/bench_engine.py --sizes 512 --compute-losses    # + ComputeLosses via gRPC
 """
 
 from __future__ import annotations
@@ -102,6 +105,58 @@ def per_iteration(run, iterations: int, repeats: int = 2) -> float:
     return (many - one) / iterations
 
 
+def compute_losses_through_service(engine: StyleTransfer, content: Image.Image,
+                                   style: Image.Image, size: int, repeats: int = 5) -> dict:
+    """Seconds of a ComputeLosses call through a loopback gRPC server: the first call against
+    new targets (cold target cache) and repeated calls against the same targets."""
+    import io
+
+    import grpc
+
+    from gramstyle.server.serve import GramstyleServer
+    from gramstyle.v1 import gramstyle_pb2 as pb
+    from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    candidate = png(resize_long_side(content, size))
+    out = {"size": size}
+    server = GramstyleServer([engine], host="127.0.0.1", port=0).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                   options=[("grpc.max_receive_message_length", 2**28)]) as ch:
+            stub = pb_grpc.StyleTransferServiceStub(ch)
+            for gradient in (False, True):
+                request = pb.ComputeLossesRequest(
+                    candidate=candidate, content=[pb.WeightedImage(data=png(content))],
+                    style=[pb.WeightedImage(data=png(style))], gradient=gradient)
+
+                def call(request=request) -> float:
+                    started = time.perf_counter()
+                    stub.ComputeLosses(request, timeout=600)
+                    return time.perf_counter() - started
+
+                call()  # warm-up (oneDNN primitives for these shapes)
+                firsts, repeated = [], []
+                for _ in range(2):
+                    engine.target_cache.clear()
+                    firsts.append(call())
+                    repeated += [call() for _ in range(repeats)]
+                key = "gradient" if gradient else "losses"
+                out[key] = {"first_s": min(firsts), "repeated_s": min(repeated),
+                            "speedup": min(firsts) / min(repeated)}
+    finally:
+        server.stop(grace=None)
+    return out
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -109,6 +164,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--content", default=None)
     parser.add_argument("--style", default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the default with a torch.compile'd extractor")
+    parser.add_argument("--compute-losses", type=int, nargs="*", default=None, metavar="SIZE",
+                        help="also time ComputeLosses through a loopback server, first call "
+                             "vs repeated (default sizes: --sizes)")
     parser.add_argument("--out", default="bench/results/engine.json")
     args = parser.parse_args()
 
@@ -118,6 +178,10 @@ def main() -> None:
     style = load_image(args.style or shared / "style" / "starry_night.jpg")
     engine = StyleTransfer(arch="vgg19", weights="random", device=args.device)
     device = engine.device
+    auto = engine.auto_precision
+    compiled = (StyleTransfer(arch="vgg19", weights="random", device=args.device, compile=True)
+                if args.compile else None)
+    load_before = load1()
 
     rows = []
     for size in args.sizes:
@@ -125,33 +189,61 @@ def main() -> None:
             lambda n, s=size: plain_pytorch(content, style, n, s, device), args.iterations
         )
         row = {"size": size, "plain_fp32_s": plain}
-        for precision in ("fp32", "bf16"):
+        variants = [("fp32", engine, "fp32"), ("bf16", engine, "bf16"),
+                    ("default", engine, "auto")]
+        if compiled is not None:
+            variants.append(("default_compiled", compiled, "auto"))
+        for name, runner, precision in variants:
 
-            def run(n, s=size, p=precision):
-                engine.stylize([content], [style], StyleOptions(size=s, iterations=n, precision=p))
+            def run(n, s=size, p=precision, e=runner):
+                # tolerance 0: time every iteration asked for (no early stop)
+                e.stylize([content], [style], StyleOptions(size=s, iterations=n, precision=p,
+                                                           tolerance=0))
 
-            row[f"gramstyle_{precision}_s"] = per_iteration(run, args.iterations)
+            row[f"gramstyle_{name}_s"] = per_iteration(run, args.iterations)
         rows.append(row)
-        print(
-            f"{size:>5} px  plain fp32 {plain:6.3f} s/it   gramstyle fp32 "
-            f"{row['gramstyle_fp32_s']:6.3f} s/it ({plain / row['gramstyle_fp32_s']:.2f}x)   "
-            f"gramstyle bf16 {row['gramstyle_bf16_s']:6.3f} s/it "
-            f"({plain / row['gramstyle_bf16_s']:.2f}x)",
-            flush=True,
-        )
+        shown = "   ".join(f"{k.removeprefix('gramstyle_').removesuffix('_s')} "
+                           f"{v:6.3f} s/it ({plain / v:.2f}x)"
+                           for k, v in row.items() if k.startswith("gramstyle_"))
+        print(f"{size:>5} px  plain fp32 {plain:6.3f} s/it   {shown}  (default = {auto})",
+              flush=True)
+
+    losses = []
+    for size in (args.sizes if args.compute_losses == [] else args.compute_losses or []):
+        result = compute_losses_through_service(engine, content, style, size)
+        losses.append(result)
+        for key in ("losses", "gradient"):
+            r = result[key]
+            print(f"ComputeLosses {size} px ({key}): first {r['first_s']:.3f} s, repeated "
+                  f"{r['repeated_s']:.3f} s ({r['speedup']:.2f}x)", flush=True)
 
     meta = {
         "date": date.today().isoformat(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
         "kernel_backend": kernels.backend(device),
         "torch": torch.__version__,
         "iterations": args.iterations,
+        "auto_precision": auto,
+        "load_before": load_before,
+        "load_after": load1(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows,
+                                          "compute_losses": losses}, indent=2))
+    print(f"load {meta['load_before']:.2f} -> {meta['load_after']:.2f}; wrote {args.out}")
+
+
+def cpu_model() -> str:
+    import re
+
+    try:
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        return match.group(1).strip() if match else platform.processor()
+    except OSError:
+        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@
 - results: :class:`StylizeResult`, :class:`Progress`, :class:`LossReport`,
   :class:`ServerInfo` -- the same types the in-process engine returns (gramstyle.results);
 - errors: :class:`ServiceError` (``.code`` is a ``grpc.StatusCode``, ``.message`` the
-  server's message naming the bad field, ``.violations`` the rejected fields).
+  server's message naming the bad field, ``.violations`` the rejected fields);
+- production: ``tls=True`` / ``tls_ca=`` / ``tls_cert=`` + ``tls_key=`` (mutual TLS),
+  ``token=`` (bearer), and ``retries=`` (default 2): a call whose server fails with
+  UNAVAILABLE, even mid-stream, is repeated from the start on another replica, and
+  ``Progress.attempt`` says so (docs/deploy.md).
 
 Needs only the base install (grpcio, protobuf, pillow, tqdm): no torch, no numpy.
 """

@@ -17,6 +17,7 @@ Request building, answers and errors are shared with the sync client
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,8 +26,7 @@ import grpc
 import grpc.aio
 
 from gramstyle import codec
-from gramstyle.client.base import DEFAULT, ClientBase, StreamBase
-from gramstyle.client.errors import ServiceError
+from gramstyle.client.base import DEFAULT, Attempts, ClientBase, StreamBase
 from gramstyle.results import LossReport, Progress, ServerInfo, StylizeResult
 
 
@@ -35,13 +35,19 @@ class AsyncStylizeStream(StreamBase):
     :attr:`result` holds the :class:`StylizeResult`."""
 
     async def __aiter__(self) -> AsyncIterator[Progress]:
-        try:
-            async for message in self._call:
-                progress = self._accept(message)
-                if progress is not None:
-                    yield progress
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
+        while True:
+            try:
+                async for message in self._call:
+                    progress = self._accept(message)
+                    if progress is not None:
+                        yield progress
+                break
+            except grpc.RpcError as exc:
+                if self.result is not None:
+                    break  # the whole result arrived; only the status was lost
+                delay = self._attempts.after_failure(exc)  # raises when it must fail
+            await asyncio.sleep(delay)
+            self._restart()
         self._finished()
 
     async def wait(self) -> StylizeResult:
@@ -67,6 +73,15 @@ class AsyncClient(ClientBase):
         """Start a Stylize call (see ``Client.stylize_stream``)."""
         return AsyncStylizeStream(self._stylize(content, style, options, timeout, kwargs))
 
+    @staticmethod
+    async def _unary(attempts: Attempts) -> Any:
+        """Run a unary call, repeating it on UNAVAILABLE within the retry budget."""
+        while True:
+            try:
+                return await attempts.start()
+            except grpc.RpcError as exc:
+                await asyncio.sleep(attempts.after_failure(exc))  # raises when it must fail
+
     async def stylize(self, content: Any, style: Any = (), options: Any = None, *,
                       progress: Callable[[Progress], Awaitable[None] | None] | None = None,
                       **kwargs: Any) -> StylizeResult:
@@ -83,19 +98,12 @@ class AsyncClient(ClientBase):
                              options: Any = None, *, timeout: Any = DEFAULT, **kwargs: Any
                              ) -> LossReport:
         """Loss terms of ``candidate`` (see ``Client.compute_losses``)."""
-        try:
-            response = await self._compute_losses(candidate, content, style, options, timeout,
-                                                  kwargs)
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
-        return codec.loss_report_from(response)
+        attempts = self._compute_losses(candidate, content, style, options, timeout, kwargs)
+        return codec.loss_report_from(await self._unary(attempts))
 
     async def server_info(self, *, timeout: Any = DEFAULT) -> ServerInfo:
         """The server's models, layer names, backend, device, limits and version."""
-        try:
-            return codec.server_info_from(await self._server_info(timeout))
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
+        return codec.server_info_from(await self._unary(self._server_info(timeout)))
 
     async def close(self) -> None:
         await self.channel.close()

@@ -16,17 +16,28 @@
 Every failed call raises :class:`~gramstyle.client.errors.ServiceError` (status code, the
 server's message and the rejected fields); a bad local argument (missing file, unknown
 option) raises ``ValueError`` or ``TypeError`` before anything is sent.
+
+A call that fails with UNAVAILABLE (its server died, restarted or drained) is repeated from
+the start, on another replica when there is one, up to ``retries`` times (default 2). A
+restarted Stylize stream begins again at iteration 0, and its progress messages say so with
+``Progress.attempt`` (2, 3, ...):
+
+    for p in client.stylize_stream("cat.png", "starry.jpg", size=256):
+        if p.restarted and p.iteration == 0:
+            bar.reset()          # the server died mid-run; the run starts again
+        bar.update(p.iteration - bar.n)
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from gramstyle import codec
-from gramstyle.client.base import DEFAULT, ClientBase, StreamBase
+from gramstyle.client.base import DEFAULT, Attempts, ClientBase, StreamBase
 from gramstyle.client.errors import ServiceError
 from gramstyle.results import LossReport, Progress, ServerInfo, StylizeResult
 
@@ -34,16 +45,23 @@ from gramstyle.results import LossReport, Progress, ServerInfo, StylizeResult
 class StylizeStream(StreamBase):
     """A running Stylize call: iterate it for :class:`Progress` messages; afterwards
     :attr:`result` holds the :class:`StylizeResult`. :meth:`cancel` stops the server's
-    optimisation within one iteration."""
+    optimisation within one iteration. If the server fails mid-stream with UNAVAILABLE the
+    call restarts from the beginning (:attr:`attempt` and ``Progress.attempt`` count up)."""
 
     def __iter__(self) -> Iterator[Progress]:
-        try:
-            for message in self._call:
-                progress = self._accept(message)
-                if progress is not None:
-                    yield progress
-        except grpc.RpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
+        while True:
+            try:
+                for message in self._call:
+                    progress = self._accept(message)
+                    if progress is not None:
+                        yield progress
+                break
+            except grpc.RpcError as exc:
+                if self.result is not None:
+                    break  # the whole result arrived; only the status was lost
+                delay = self._attempts.after_failure(exc)  # raises when it must fail
+            time.sleep(delay)
+            self._restart()
         self._finished()
 
     def wait(self) -> StylizeResult:
@@ -88,6 +106,15 @@ class Client(ClientBase):
         """
         return StylizeStream(self._stylize(content, style, options, timeout, kwargs))
 
+    @staticmethod
+    def _unary(attempts: Attempts) -> Any:
+        """Run a unary call, repeating it on UNAVAILABLE within the retry budget."""
+        while True:
+            try:
+                return attempts.start()
+            except grpc.RpcError as exc:
+                time.sleep(attempts.after_failure(exc))  # raises when it must fail
+
     def stylize(self, content: Any, style: Any = (), options: Any = None, *,
                 progress: Callable[[Progress], None] | None = None, **kwargs: Any
                 ) -> StylizeResult:
@@ -110,19 +137,12 @@ class Client(ClientBase):
         Keywords: the loss options of ``StyleOptions`` (layers and their weights, blend
         weights, loss weights, style image scale, precision), gradient, arch, weights.
         """
-        try:
-            response = self._compute_losses(candidate, content, style, options, timeout,
-                                            kwargs)
-        except grpc.RpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
-        return codec.loss_report_from(response)
+        attempts = self._compute_losses(candidate, content, style, options, timeout, kwargs)
+        return codec.loss_report_from(self._unary(attempts))
 
     def server_info(self, *, timeout: Any = DEFAULT) -> ServerInfo:
         """The server's models, layer names, backend, device, limits and version."""
-        try:
-            return codec.server_info_from(self._server_info(timeout))
-        except grpc.RpcError as exc:
-            raise ServiceError.from_rpc_error(exc) from None
+        return codec.server_info_from(self._unary(self._server_info(timeout)))
 
     def close(self) -> None:
         self.channel.close()

@@ -59,15 +59,19 @@ class ServiceError(Exception):
         request_id: the server's request id (for its log), when the server sent one.
         violations: the request fields the server rejected (``FieldViolation``), so a program
             can tell which field was wrong without parsing ``message``.
+        attempts: how many times the client tried the call (1 + the retries it spent on
+            UNAVAILABLE; see the client's ``retries``).
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None,
-                 violations: tuple[FieldViolation, ...] = ()):
-        super().__init__(f"{code.name}: {message}")
+                 violations: tuple[FieldViolation, ...] = (), attempts: int = 1):
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        super().__init__(f"{code.name}: {message}{tries}")
         self.code = code
         self.message = message
         self.request_id = request_id
         self.violations = violations
+        self.attempts = attempts
 
     @property
     def caller_mistake(self) -> bool:
@@ -80,8 +84,9 @@ class ServiceError(Exception):
         return [v.field for v in self.violations]
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ServiceError:
-        """Wrap a ``grpc.RpcError`` (sync or aio) that carries a status."""
+    def from_rpc_error(cls, error: grpc.RpcError, attempts: int = 1) -> ServiceError:
+        """Wrap a ``grpc.RpcError`` (sync or aio) that carries a status; ``attempts``: how
+        many times the call was tried."""
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
         request_id, violations = None, ()
@@ -90,4 +95,5 @@ class ServiceError(Exception):
             request_id = dict(error.initial_metadata() or ()).get("x-request-id")
         if hasattr(error, "trailing_metadata"):
             violations = field_violations(error.trailing_metadata())
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "", request_id, violations)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", request_id, violations,
+                   attempts)

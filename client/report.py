@@ -49,6 +49,8 @@ def format_server_info(info: ServerInfo, target: str) -> str:
     """GetServerInfo's answer as the `gramstyle info --server` text."""
     lines = [f"server    {target}", f"version   gramstyle {info.version}",
              f"device    {info.device}", f"kernel    {info.backend}"]
+    if info.precision:
+        lines.append(f"precision auto = {info.precision} on {info.device}")
     for model in info.models:
         default = " (default)" if model.is_default else ""
         lines.append(f"model     {model.arch}/{model.weights}, {model.pooling} pooling, "

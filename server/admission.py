@@ -1,22 +1,32 @@
-"""Admission control: a fixed pool of worker threads behind a bounded queue.
+"""Admission control: a fixed pool of worker threads behind a bounded queue, admitted by
+count and by memory.
 
 Why not gRPC's ``maximum_concurrent_rpcs``: it counts *every* RPC, so health probes and
 GetServerInfo would be refused exactly when the server is busy, and a busy pod would be
 restarted by its liveness probe. Here only compute work (Stylize, ComputeLosses) is admitted
 or refused; cheap RPCs never touch the queue.
 
-A job is admitted when fewer than ``workers + queue_size`` jobs are running or waiting;
-otherwise :meth:`WorkQueue.submit` raises :class:`QueueFull` at once, and the service
-answers RESOURCE_EXHAUSTED. A slot is held until the job's function has returned, so a
-"free" worker really is free (a cancelled optimisation stops within one iteration).
+- **By count.** A job is admitted when fewer than ``workers + queue_size`` jobs are running
+  or waiting; otherwise :meth:`WorkQueue.submit` raises :class:`QueueFull` at once, and the
+  service answers RESOURCE_EXHAUSTED.
+- **By memory.** Each job carries an estimate of its peak memory (bytes,
+  :mod:`gramstyle.server.memory`). A waiting job starts only when a worker is free *and* the
+  estimates of the running jobs plus its own fit in ``memory_budget``; jobs start in
+  arrival order (the first waiting job is never overtaken, so a large one cannot starve).
+- **Leaving the queue.** Cancelling a waiting job's future (the caller's deadline passed or
+  it cancelled) removes it from the queue at once and frees its slot. A running job keeps
+  its slot, and its reservation, until its function has returned, so a "free" worker really
+  is free (a cancelled job stops within a second, see ``should_stop`` in the engine).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -25,30 +35,54 @@ class QueueFull(Exception):
     """Every worker is busy and the wait queue is full."""
 
 
+class ShuttingDown(Exception):
+    """The queue no longer accepts jobs: the server is shutting down."""
+
+
+@dataclass(eq=False)
+class _Job:
+    future: Future
+    fn: Callable[[], Any]
+    should_run: Callable[[], bool] | None
+    memory: int
+
+
 class WorkQueue:
     """Run jobs on ``workers`` threads with at most ``queue_size`` jobs waiting.
 
     Args:
         workers: number of compute threads (>= 1).
         queue_size: jobs allowed to wait for a worker (>= 0).
-        on_change: called with ``(busy, queued)`` after every change, e.g. to update a
-            Prometheus gauge. Called under no lock; it must be quick and thread-safe.
+        memory_budget: bytes the running jobs' estimates may add up to (None: no limit). A
+            job estimated above the whole budget still runs, alone; the service refuses
+            such requests before they get here.
+        on_change: called with ``(busy, queued, reserved_bytes)`` after every change, e.g.
+            to update Prometheus gauges. Called under no lock; it must be quick and
+            thread-safe.
     """
 
-    def __init__(self, workers: int, queue_size: int,
-                 on_change: Callable[[int, int], None] | None = None):
+    def __init__(self, workers: int, queue_size: int, memory_budget: int | None = None,
+                 on_change: Callable[[int, int, int], None] | None = None):
         if workers < 1:
             raise ValueError(f"workers: must be >= 1, got {workers}")
         if queue_size < 0:
             raise ValueError(f"queue_size: must be >= 0, got {queue_size}")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget: must be > 0 bytes, got {memory_budget}")
         self.workers = workers
         self.queue_size = queue_size
+        self.memory_budget = memory_budget
         self._on_change = on_change
         self._lock = threading.Lock()
-        self._pending = 0  # admitted and not finished: running + waiting
+        self._changed = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Job] = collections.deque()
         self._busy = 0  # running
-        self._idle = threading.Condition(self._lock)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gramstyle-worker")
+        self._reserved = 0  # bytes: the running jobs' estimates
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"gramstyle-worker-{i}",
+                                          daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def busy(self) -> int:
@@ -58,63 +92,117 @@ class WorkQueue:
 
     @property
     def queued(self) -> int:
-        """Jobs admitted and waiting for a worker."""
+        """Jobs admitted and waiting for a worker (or for memory)."""
         with self._lock:
-            return self._pending - self._busy
+            return len(self._waiting)
 
-    def submit(self, fn: Callable[[], T], should_run: Callable[[], bool] | None = None
-               ) -> Future[T]:
+    @property
+    def reserved(self) -> int:
+        """Bytes reserved by the running jobs' estimates."""
+        with self._lock:
+            return self._reserved
+
+    def submit(self, fn: Callable[[], T], should_run: Callable[[], bool] | None = None,
+               memory: int = 0) -> Future[T]:
         """Admit ``fn`` or raise :class:`QueueFull` at once.
 
-        ``should_run`` is checked when a worker picks the job up: a job whose caller has
-        gone away while it waited is dropped (its future raises ``CancelledError``)
-        instead of wasting a worker.
+        ``memory`` is the job's estimated peak (bytes). ``should_run`` is checked when a
+        worker picks the job up: a job whose caller has gone away is dropped (its future
+        raises ``CancelledError``) instead of wasting a worker. Cancelling the returned
+        future while the job waits removes it from the queue at once.
         """
+        future: Future[T] = Future()
+        job = _Job(future, fn, should_run, max(0, int(memory)))
         with self._lock:
-            if self._pending >= self.workers + self.queue_size:
+            if self._closed:
+                raise ShuttingDown("server is shutting down; retry on another replica")
+            pending = self._busy + len(self._waiting)
+            if pending >= self.workers + self.queue_size:
                 raise QueueFull(
                     f"server busy: {self._busy} of {self.workers} worker(s) running and "
-                    f"{self._pending - self._busy} of {self.queue_size} queue slot(s) taken")
-            self._pending += 1
+                    f"{len(self._waiting)} of {self.queue_size} queue slot(s) taken")
+            self._waiting.append(job)
+            self._changed.notify_all()
+        future.add_done_callback(lambda f: self._drop(job) if f.cancelled() else None)
         self._notify()
-        try:
-            return self._pool.submit(self._run, fn, should_run)
-        except BaseException:  # pool shut down: give the slot back
-            self._finish(started=False)
-            raise
+        return future
 
-    def _run(self, fn: Callable[[], T], should_run: Callable[[], bool] | None) -> T:
-        if should_run is not None and not should_run():
-            self._finish(started=False)
-            raise CancelledError("the caller went away while the job was queued")
+    def _drop(self, job: _Job) -> None:
+        """A waiting job's future was cancelled: give its slot back now."""
         with self._lock:
-            self._busy += 1
+            try:
+                self._waiting.remove(job)
+            except ValueError:  # a worker took it already (and will skip it)
+                return
+            self._changed.notify_all()
         self._notify()
-        try:
-            return fn()
-        finally:
-            self._finish(started=True)
 
-    def _finish(self, started: bool) -> None:
-        with self._lock:
-            self._pending -= 1
-            if started:
-                self._busy -= 1
-            if self._pending == 0:
-                self._idle.notify_all()
-        self._notify()
+    def _startable(self) -> bool:
+        """Whether the first waiting job may start now (call with the lock held)."""
+        if not self._waiting or self._busy >= self.workers:
+            return False
+        if self.memory_budget is None or self._busy == 0:
+            return True
+        return self._reserved + self._waiting[0].memory <= self.memory_budget
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._changed.wait_for(lambda: self._closed or self._startable())
+                if not self._startable():  # closed, nothing to run
+                    return
+                job = self._waiting.popleft()
+                self._busy += 1
+                self._reserved += job.memory
+            self._notify()
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._reserved -= job.memory
+                    self._changed.notify_all()
+                self._notify()
+
+    @staticmethod
+    def _run(job: _Job) -> None:
+        if job.should_run is not None and not job.should_run():
+            job.future.cancel()
+            return
+        if not job.future.set_running_or_notify_cancel():
+            return  # cancelled while it was being picked up
+        try:
+            result = job.fn()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
 
     def _notify(self) -> None:
         if self._on_change is not None:
             with self._lock:
-                busy, queued = self._busy, self._pending - self._busy
-            self._on_change(busy, queued)
+                state = self._busy, len(self._waiting), self._reserved
+            self._on_change(*state)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no job is running or waiting; False if ``timeout`` passed first."""
         with self._lock:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+            return self._changed.wait_for(lambda: self._busy == 0 and not self._waiting,
+                                          timeout)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop accepting jobs; with ``wait``, block until running ones finish."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """Stop accepting jobs and cancel the waiting ones; with ``wait``, block until the
+        running ones finish."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._changed.notify_all()
+        for job in waiting:
+            job.future.cancel()  # each removes itself (_drop)
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+__all__ = ["CancelledError", "QueueFull", "ShuttingDown", "WorkQueue"]

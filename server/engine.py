@@ -20,8 +20,11 @@ The engine is thread-safe: the network is frozen and each call keeps its own sta
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -32,10 +35,16 @@ from gramstyle import kernels
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from gramstyle.options import DEVICES, MAX_ITERATIONS, MAX_SIZE, StyleOptions, check_choice
 from gramstyle.results import LossReport, Progress, StylizeResult
+from gramstyle.server import precision as _precision
+from gramstyle.server.bands import StopCheck
 from gramstyle.server.colour import to_tensor
 from gramstyle.server.extractor import VGGFeatures
 from gramstyle.server.objective import Objective, check_against_network
 from gramstyle.server.optimise import Cancelled, optimise
+from gramstyle.server.target_cache import TargetCache
+
+#: Tells engines apart in a shared target cache's keys.
+_ENGINE_IDS = itertools.count()
 
 
 def pick_device(device: str) -> torch.device:
@@ -48,15 +57,29 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_pixels: int
-          ) -> list[Image.Image]:
-    """Decode one source or a sequence of them; errors name ``field[i]``."""
+def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_pixels: int,
+          check: Callable[[float], None] | None = None) -> list[Image.Image]:
+    """Decode one source or a sequence of them; errors name ``field[i]``. ``check`` runs
+    between the decoding steps of each image (see :func:`gramstyle.images.load_image`)."""
     if sources is None:
         return []
     if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
             sources, "__fspath__"):
         sources = [sources]
-    return [load_image(s, f"{field}[{i}]", max_pixels) for i, s in enumerate(sources)]
+    return [load_image(s, f"{field}[{i}]", max_pixels, check=check)
+            for i, s in enumerate(sources)]
+
+
+def _checker(should_stop: Callable[[], bool] | None) -> StopCheck | None:
+    """A check that raises :class:`Cancelled` once ``should_stop()`` is True. Every stage
+    announces its work to it -- decoding and resizing images, each network layer, each band
+    of a large layer, forward and backward -- and it polls ``should_stop`` whenever that adds
+    up to a twentieth of a second (:class:`gramstyle.server.bands.StopCheck`): a stop is seen
+    within a fraction of a second at any stage, while small images are polled once per
+    optimisation step, as before."""
+    if should_stop is None:
+        return None
+    return StopCheck(should_stop, lambda: Cancelled("stopped before the run finished"))
 
 
 class StyleTransfer:
@@ -70,11 +93,19 @@ class StyleTransfer:
         max_size: largest allowed output long side, in pixels.
         max_pixels: largest allowed width*height of any input image (checked before decoding).
         seed: seed of the random weights (``weights='random'``).
+        target_cache: where the content features and style Gram targets of each image are
+            kept across calls (:mod:`gramstyle.server.target_cache`); several engines may
+            share one. Default: a private cache of ``DEFAULT_TARGET_CACHE_MB`` MiB;
+            ``TargetCache(0)`` turns caching off.
+        compile: run the extractor through ``torch.compile`` (compiled per precision on
+            first use, recompiled for each new image size and layer set). An experiment:
+            bench/bench_engine.py --compile measures it (docs/benchmarks.md).
     """
 
     def __init__(self, arch: str = "vgg19", weights: str = "imagenet", pooling: str = "max",
                  device: str = "auto", max_size: int = MAX_SIZE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
+                 target_cache: TargetCache | None = None, compile: bool = False):
         self.device = pick_device(device)
         self.extractor = VGGFeatures(arch, weights, pooling, seed).to(self.device)
         if self.device.type == "cpu":
@@ -82,6 +113,11 @@ class StyleTransfer:
             self.extractor = self.extractor.to(memory_format=torch.channels_last)
         self.arch, self.weights, self.pooling = arch, weights, pooling
         self.max_size, self.max_pixels = max_size, max_pixels
+        self.target_cache = target_cache if target_cache is not None else TargetCache()
+        self.model_key = (arch, weights, pooling, seed, str(self.device), next(_ENGINE_IDS))
+        self.compile = compile
+        self._networks: dict[str, VGGFeatures] = {}
+        self._lock = threading.Lock()
 
     @property
     def layer_names(self) -> list[str]:
@@ -91,6 +127,35 @@ class StyleTransfer:
     def backend(self) -> str:
         """The Gram/style-loss kernel backend: 'cpu', 'cuda' or 'einsum'."""
         return kernels.backend()
+
+    def network(self, precision: str) -> VGGFeatures:
+        """The extractor to run in ``precision`` ('fp32' or 'bf16').
+
+        For bf16 a twin whose convolution weights are stored in bf16 (made on first use,
+        then kept): bf16 autocast caches its casts only for weights that require grad, so
+        with frozen fp32 weights it would convert every weight on every forward pass -- 80
+        MB for VGG19, a sizeable part of a bf16 iteration on a CPU. The results are the same:
+        autocast runs the convolutions on bf16 copies either way, and the ImageNet
+        normalisation stays float32.
+        """
+        if precision != "bf16" and not self.compile:
+            return self.extractor
+        with self._lock:
+            if precision not in self._networks:
+                network = self.extractor
+                if precision == "bf16":
+                    network = copy.deepcopy(self.extractor)
+                    network.layers.to(torch.bfloat16)  # mean/std belong to the parent: fp32
+                if self.compile:
+                    network = torch.compile(network)
+                self._networks[precision] = network
+            return self._networks[precision]
+
+    @property
+    def auto_precision(self) -> str:
+        """What precision 'auto' (the default) runs in on this engine's device: 'bf16' where
+        the hardware runs bf16 natively, else 'fp32' (:mod:`gramstyle.server.precision`)."""
+        return _precision.resolve_precision("auto", self.device)
 
     @property
     def weights_name(self) -> str:
@@ -102,7 +167,8 @@ class StyleTransfer:
 
     def validate(self, options: StyleOptions | None, max_iterations: int = MAX_ITERATIONS
                  ) -> StyleOptions:
-        """A checked copy of ``options`` (defaults when None) with canonical layer names.
+        """A checked copy of ``options`` (defaults when None) with canonical layer names and
+        precision 'auto' resolved to 'fp32' or 'bf16' for this device.
 
         Checks the options' own bounds (``output long side <= max_size``, ``iterations *
         scales <= max_iterations``) and the layer names against this network. The checks
@@ -110,6 +176,7 @@ class StyleTransfer:
         """
         options = dataclasses.replace(options) if options is not None else StyleOptions()
         options.validated(max_size=self.max_size, max_iterations=max_iterations)
+        options.precision = _precision.resolve_precision(options.precision, self.device)
         return check_against_network(self.extractor, options)
 
     def stylize(
@@ -134,34 +201,43 @@ class StyleTransfer:
                 every ``options.progress_every`` iterations, and after the last one. With
                 ``options.scales > 1`` iterations count across all scales.
             preview: attach the current image to each Progress.
-            should_stop: polled before every iteration; when it returns True the run stops
-                and :class:`Cancelled` is raised.
+            should_stop: polled before every iteration, and during every stage before and
+                inside it (decoding, resizing, target features, network passes); when it
+                returns True the run stops within a fraction of a second and
+                :class:`Cancelled` is raised (its ``iterations`` says how many ran).
 
         Returns:
             The output image (the content image's aspect ratio, long side ``options.size``)
-            and its stats.
+            and its stats: ``iterations`` run, ``stop_reason`` ('converged' when the loss
+            stopped improving, see ``options.tolerance``, or 'cap') and the ``precision``
+            the network ran in.
         """
         started = time.perf_counter()
         options = self.validate(options)
-        contents = _load(content, "content", self.max_pixels)
-        styles = _load(style, "style", self.max_pixels)
+        check = _checker(should_stop)
+        contents = _load(content, "content", self.max_pixels, check)
+        styles = _load(style, "style", self.max_pixels, check)
         if init_image is not None:
             if options.init not in (None, "image"):
                 raise ValueError(f"init_image: given, but init is {options.init!r}; set init "
                                  f"to 'image' (or leave it unset) to start from it")
-            init_image = load_image(init_image, "init_image", self.max_pixels)
+            init_image = load_image(init_image, "init_image", self.max_pixels, check=check)
 
         def objective_at(size: int) -> Objective:
-            return Objective.build(self.extractor, contents, styles,
-                                   dataclasses.replace(options, size=size))
+            return Objective.build(self.network(options.precision), contents, styles,
+                                   dataclasses.replace(options, size=size),
+                                   cache=self.target_cache, model_key=self.model_key,
+                                   check=check)
 
-        image, losses = optimise(objective_at, options, init_image=init_image,
-                                 progress=progress, preview=preview, should_stop=should_stop,
-                                 started=started)
+        image, losses, run = optimise(objective_at, options, init_image=init_image,
+                                      progress=progress, preview=preview,
+                                      should_stop=check.poll if check else None,
+                                      started=started)
         return StylizeResult(
-            image=image, iterations=options.iterations * options.scales, losses=losses,
+            image=image, iterations=run.iterations, losses=losses,
             elapsed_s=time.perf_counter() - started, backend=self.backend,
             device=str(self.device), arch=self.arch, weights=self.weights_name,
+            precision=options.precision, stop_reason=run.stop_reason,
         )
 
     def compute_losses(
@@ -172,25 +248,28 @@ class StyleTransfer:
         options: StyleOptions | None = None,
         *,
         gradient: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> LossReport:
         """Loss terms of ``candidate`` against the targets, without optimising.
 
         Content images are resized to the candidate's exact size, style images to long side
         ``max(H, W)`` times the style scale. With ``gradient=True`` the report carries
-        d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]).
+        d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]). The candidate's size
+        is checked against ``max_size`` from its header, before it is decoded.
+        ``should_stop`` works as in :meth:`stylize`.
         """
         started = time.perf_counter()
-        image = load_image(candidate, "candidate", self.max_pixels)
-        if max(image.size) > self.max_size:
-            raise ValueError(f"candidate: long side {max(image.size)} px is over the limit of "
-                             f"{self.max_size} px")
+        check = _checker(should_stop)
+        image = load_image(candidate, "candidate", self.max_pixels, max_side=self.max_size,
+                           check=check)
         # The candidate's long side stands in for `size` (the style scale is checked against it).
         options = self.validate(dataclasses.replace(options or StyleOptions(),
                                                     size=max(16, *image.size)))
         objective = Objective.build(
-            self.extractor, _load(content, "content", self.max_pixels),
-            _load(style, "style", self.max_pixels), options, size=image.size,
-            output_field="candidate")
+            self.network(options.precision), _load(content, "content", self.max_pixels, check),
+            _load(style, "style", self.max_pixels, check), options, size=image.size,
+            output_field="candidate", cache=self.target_cache, model_key=self.model_key,
+            check=check)
         x = to_tensor(image, self.device).requires_grad_(gradient)
         grad = None
         with torch.set_grad_enabled(gradient):
@@ -204,6 +283,7 @@ class StyleTransfer:
             device=str(self.device), elapsed_s=time.perf_counter() - started,
             gradient_shape=None if grad is None else tuple(grad.shape),
             gradient_bytes=None if grad is None else grad.tobytes(),
+            precision=options.precision,
         )
 
 

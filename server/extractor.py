@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from gramstyle.options import ARCHS, POOLINGS, check_choice
+from gramstyle.options import ARCHS, POOLINGS, check_choice, preview
+from gramstyle.server.bands import run_layer
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,11 @@ class VGGFeatures(nn.Module):
         key = str(layer).strip()
         if key in self._index:
             return key
-        if key.isascii() and key.isdigit() and int(key) < len(self.layer_names):
+        # (a length test first: int() refuses strings of over 4300 digits)
+        if key.isascii() and key.isdigit() and len(key) < 4 and int(key) < len(self.layer_names):
             return self.layer_names[int(key)]
         raise ValueError(
-            f"{field}: unknown layer {layer!r} for {self.arch}; use a name such as relu4_2 "
+            f"{field}: unknown layer {preview(layer)} for {self.arch}; use a name such as relu4_2 "
             f"(one of {self.layer_names[0]} ... {self.layer_names[-1]}) or an index 0.."
             f"{len(self.layer_names) - 1}"
         )
@@ -184,8 +186,8 @@ class VGGFeatures(nn.Module):
         for layer in layers:
             name = self.resolve(layer, field)
             if name in names:
-                raise ValueError(f"{field}: layer {name} is listed twice ({names[name]!r} and "
-                                 f"{layer!r})")
+                raise ValueError(f"{field}: layer {name} is listed twice "
+                                 f"({preview(names[name])} and {preview(layer)})")
             names[name] = layer
         return tuple(names)
 
@@ -196,10 +198,14 @@ class VGGFeatures(nn.Module):
         pools = sum(1 for name in self.layer_names[: deepest + 1] if name.startswith("pool"))
         return self.layer_names[deepest], 2 ** pools
 
-    def forward(self, images: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, layers: Iterable[str],
+                check: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
         """Activations of ``layers`` for ``images`` ([B,3,H,W], RGB in [0,1]).
 
-        Runs the network only up to the deepest requested layer.
+        Runs the network only up to the deepest requested layer. ``check`` is told the
+        estimated seconds of each layer, of each band of a large layer, and of their
+        backward passes, before they run (:func:`gramstyle.server.bands.run_layer`); it
+        raises to stop a cancelled request within a fraction of a second.
         """
         wanted = {self._index[self.resolve(name)] for name in layers}
         if not wanted:
@@ -210,7 +216,7 @@ class VGGFeatures(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         out = {}
         for i, module in enumerate(self.layers[: max(wanted) + 1]):
-            x = module(x)
+            x = run_layer(module, x, check)
             if i in wanted:
                 out[self.layer_names[i]] = x
         return out

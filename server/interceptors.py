@@ -1,19 +1,38 @@
-"""Per-request observability: one log line and one metrics sample for every RPC.
+"""Per-request observability and input hygiene, for every RPC of the (asyncio) server.
 
-The interceptor wraps every handler (ours, health and reflection) and, when the call ends,
-logs ``request_id rpc code duration`` and records ``gramstyle_requests_total{rpc,code}`` and
-the duration histogram. The request id is the caller's ``x-request-id`` metadata when it sent
-one (so ids follow a request across services), or a fresh one; it is sent back as initial
+:class:`RequestLogInterceptor` wraps every handler -- ours, health and reflection -- and:
+
+- **parses requests itself**: each handler's request deserializer is replaced by one that
+  never raises. Bytes that are not a valid message (or not valid UTF-8 in a string field)
+  end the call with INVALID_ARGUMENT "request is not a valid gramstyle.v1.StylizeRequest",
+  counted and logged like any other call, where grpcio would answer INTERNAL "Exception
+  deserializing request!" and log a traceback per call;
+- **turns unexpected exceptions into INTERNAL** (with the traceback logged once): a handler
+  bug never reaches the caller as UNKNOWN;
+- **logs one line per call** when it ends -- ``request_id rpc code duration_ms peer`` plus,
+  for a failed call, its status message -- as ``key=value`` text or as one JSON object per
+  line (``gramstyle serve --log-format json``, :class:`JsonFormatter`). Values that are not
+  plain tokens are quoted and escaped, so no client-controlled text can forge a field;
+- **counts** ``gramstyle_requests_total{rpc,code}`` and the duration histogram.
+
+The request id is the caller's ``x-request-id`` metadata when it is 1 to 64 characters of
+``[A-Za-z0-9._:-]`` (so ids follow a request across services), otherwise a fresh one, and
+the rejected value is logged, escaped, as ``rejected_request_id``. It is sent back as initial
 metadata and is available to handlers through :func:`current_request_id`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import datetime
+import inspect
+import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -23,121 +42,246 @@ from gramstyle.server.metrics import Metrics
 log = logging.getLogger("gramstyle.server.requests")
 
 REQUEST_ID_KEY = "x-request-id"
+#: What a caller's request id may look like; anything else is replaced.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: Longest status message or rejected id written to the log (characters).
+_LOG_PREVIEW = 1024
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_PLAIN = re.compile(r"[A-Za-z0-9._:/@\[\]+%-]+")
+
+
+#: A call cancelled this close to its deadline (s) ended because of the deadline: the
+#: caller's own timer fires first and cancels the stream a moment before the server's does.
+DEADLINE_SLACK_S = 0.5
+
+
+def deadline_passed(context: Any) -> bool:
+    """Whether a call that ended early did so because of its deadline (else: a cancel)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
 
 
 def current_request_id() -> str:
-    """The id of the request being handled on this thread ('-' outside a request)."""
+    """The id of the request being handled in this task ('-' outside a request)."""
     return _request_id.get()
 
 
-def _final_code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
-    """The status the call ends with, as far as the server can tell."""
+class MalformedRequest(Exception):
+    """The request bytes are not a valid message of the method's request type. The safe
+    deserializers return (not raise) an instance, and the interceptor ends the call."""
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], Any] | None
+                       ) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    message = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = message.full_name if message is not None else "request message"
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 -- DecodeError, RecursionError, ...: the caller's bytes
+            return MalformedRequest(f"request is not a valid {name} ({len(raw)} bytes)")
+    return parse
+
+
+def _token(value: Any) -> str:
+    """A log value: as it is when it is a plain token, else quoted and escaped (JSON)."""
+    text = value if isinstance(value, str) else str(value)
+    if _PLAIN.fullmatch(text):
+        return text
+    if len(text) > _LOG_PREVIEW:
+        text = f"{text[:_LOG_PREVIEW]}… ({len(text)} chars)"
+    return json.dumps(text)
+
+
+def format_fields(fields: dict[str, Any]) -> str:
+    """``key=value`` pairs, each value a plain token or a quoted, escaped string."""
+    return " ".join(f"{key}={_token(value)}" for key, value in fields.items())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, and either the request's fields or
+    ``message`` (plus ``exception`` with the traceback, escaped into the one line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        utc = datetime.timezone.utc  # noqa: UP017 -- datetime.UTC is Python 3.11+
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _code(context: Any) -> grpc.StatusCode | None:
     code = context.code()
-    if code is not None:
+    if code is None or isinstance(code, grpc.StatusCode):
         return code
-    if not context.is_active():
-        # The handler returned because the caller went away (see service.py).
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+    return _CODES.get(int(code), grpc.StatusCode.UNKNOWN)
 
 
-def _reset(token: contextvars.Token) -> None:
-    try:
-        _request_id.reset(token)
-    except ValueError:  # a stream closed from another thread (garbage collection)
-        pass
+class _Call:
+    """One call's request id, clock and end-of-call bookkeeping."""
+
+    def __init__(self, interceptor: RequestLogInterceptor, rpc: str, metadata: Any):
+        sent = None
+        for key, value in metadata or ():
+            if key == REQUEST_ID_KEY:
+                sent = value if isinstance(value, str) else repr(value)
+        self.rejected = None
+        if sent is not None and REQUEST_ID_PATTERN.fullmatch(sent):
+            self.request_id = sent
+        else:
+            self.request_id = uuid.uuid4().hex[:16]
+            self.rejected = sent
+        self.interceptor, self.rpc = interceptor, rpc
+        self.start = time.perf_counter()
+        self.peer = ""
+        self.token: contextvars.Token | None = None
+
+    async def begin(self, context: Any) -> None:
+        self.start = time.perf_counter()
+        # Read now: once a cancelled call is torn down, grpc.aio's peer() dereferences a
+        # freed call (a segfault in grpcio 1.85).
+        self.peer = context.peer()
+        self.token = _request_id.set(self.request_id)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def end(self, context: Any, cancelled: bool) -> None:
+        if self.token is not None:
+            try:
+                _request_id.reset(self.token)
+            except ValueError:  # finalised in another context (an abandoned stream)
+                pass
+            self.token = None
+        seconds = time.perf_counter() - self.start
+        code = _code(context)
+        if cancelled:
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context)
+                    else grpc.StatusCode.CANCELLED)
+        code = code or grpc.StatusCode.OK
+        fields: dict[str, Any] = {"request_id": self.request_id, "rpc": self.rpc,
+                                  "code": code.name, "duration_ms": round(seconds * 1000, 1),
+                                  "peer": self.peer}
+        if self.rejected is not None:
+            fields["rejected_request_id"] = self.rejected
+        if code is not grpc.StatusCode.OK and not cancelled and context.details():
+            fields["message"] = context.details()
+        log.info(format_fields(fields), extra={"fields": fields})
+        if self.interceptor.metrics is not None:
+            self.interceptor.metrics.observe_request(self.rpc, code.name, seconds)
 
 
-class RequestLogInterceptor(grpc.ServerInterceptor):
-    """Log and count every RPC. ``metrics`` may be None (logging only)."""
+async def _malformed_abort(context: Any, request: MalformedRequest) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+
+
+async def _internal(context: Any, call: _Call, exc: BaseException) -> None:
+    log.error("request_id=%s rpc=%s internal error", call.request_id, call.rpc, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error (request id {call.request_id}); see the server log")
+
+
+async def _checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    """A request stream whose malformed messages end the call."""
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            await _malformed_abort(context, request)
+        yield request
+
+
+def _wrap(behavior: Callable, call_of: Callable[[], _Call], streaming_request: bool
+          ) -> Callable:
+    """``behavior`` (a coroutine function or an async generator function) with the request
+    checks, the error mapping and the end-of-call log around it."""
+
+    def first(request: Any, context: Any) -> Any:
+        return _checked(request, context) if streaming_request else request
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            call = call_of()
+            await call.begin(context)
+            cancelled = False
+            try:
+                if isinstance(request, MalformedRequest):
+                    await _malformed_abort(context, request)
+                async for response in behavior(first(request, context), context):
+                    yield response
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- a bug: INTERNAL, logged once
+                await _internal(context, call, exc)
+            finally:
+                call.end(context, cancelled)
+        return stream
+
+    async def unary(request: Any, context: Any) -> Any:
+        call = call_of()
+        await call.begin(context)
+        cancelled = False
+        try:
+            if isinstance(request, MalformedRequest):
+                await _malformed_abort(context, request)
+            result = behavior(first(request, context), context)
+            return await result if isinstance(result, Awaitable) else result
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a bug: INTERNAL, logged once
+            await _internal(context, call, exc)
+        finally:
+            call.end(context, cancelled)
+    return unary
+
+
+class RequestLogInterceptor(grpc.aio.ServerInterceptor):
+    """Log, count and guard every RPC (see the module docstring). ``metrics`` may be None
+    (logging only)."""
 
     def __init__(self, metrics: Metrics | None = None):
-        self._metrics = metrics
+        self.metrics = metrics
 
-    def intercept_service(self, continuation: Callable[[Any], grpc.RpcMethodHandler | None],
-                          handler_call_details: grpc.HandlerCallDetails
-                          ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None
-        rpc = handler_call_details.method.lstrip("/")
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16])[:64]
+        method = handler_call_details.method
+        rpc = (method.decode() if isinstance(method, bytes) else method).lstrip("/")
+        metadata = handler_call_details.invocation_metadata
 
-        def done(context: grpc.ServicerContext, start: float, failed: bool) -> None:
-            seconds = time.perf_counter() - start
-            code = _final_code(context, failed).name
-            log.info("request_id=%s rpc=%s code=%s duration_ms=%.1f peer=%s",
-                     request_id, rpc, code, seconds * 1000, context.peer())
-            if self._metrics is not None:
-                self._metrics.observe_request(rpc, code, seconds)
+        def call_of() -> _Call:
+            return _Call(self, rpc, metadata)
 
-        def begin(context: grpc.ServicerContext) -> tuple[float, contextvars.Token]:
-            context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-            return time.perf_counter(), _request_id.set(request_id)
+        replaced: dict[str, Any] = {
+            "request_deserializer": _safe_deserializer(handler.request_deserializer)}
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                replaced[kind] = _wrap(behavior, call_of, kind.startswith("stream"))
+        return handler._replace(**replaced)
 
-        def unary_response(behavior: Callable) -> Callable:
-            def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-                start, token = begin(context)
-                failed = True
-                try:
-                    response = behavior(request_or_iterator, context)
-                    failed = False
-                    return response
-                finally:
-                    _reset(token)
-                    done(context, start, failed)
-            return wrapper
 
-        def stream_response(behavior: Callable) -> Callable:
-            def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator:
-                start, token = begin(context)
-                failed = True
-                try:
-                    # Iterate here, not by returning the generator, so that the log line is
-                    # written when the stream ends rather than when it starts.
-                    yield from behavior(request_or_iterator, context)
-                    failed = False
-                except GeneratorExit:  # gRPC closed the stream: the caller went away
-                    failed = False
-                    raise
-                finally:
-                    _reset(token)
-                    done(context, start, failed)
-            return wrapper
-
-        def non_blocking(behavior: Callable) -> Callable:
-            # Health's Watch answers through a callback instead of a generator, so that an
-            # open Watch stream holds no thread of the server's pool. Keep it that way: pass
-            # the callback on, copy the markers gRPC looks for, and log when the call ends.
-            def wrapper(request: Any, context: grpc.ServicerContext,
-                        send_response_callback: Callable | None = None) -> Any:
-                start, token = begin(context)
-                context.add_callback(lambda: done(context, start, False))
-                try:
-                    return behavior(request, context,
-                                    send_response_callback=send_response_callback)
-                finally:
-                    _reset(token)
-            wrapper.experimental_non_blocking = True  # type: ignore[attr-defined]
-            wrapper.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
-                behavior, "experimental_thread_pool", None)
-            return wrapper
-
-        if handler.unary_stream and getattr(handler.unary_stream, "experimental_non_blocking",
-                                            False):
-            return handler._replace(unary_stream=non_blocking(handler.unary_stream))
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary_response(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary_response(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=stream_response(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=stream_response(handler.stream_stream))
-        return handler
+__all__ = ["DEADLINE_SLACK_S", "REQUEST_ID_KEY", "REQUEST_ID_PATTERN", "JsonFormatter",
+           "MalformedRequest", "RequestLogInterceptor", "current_request_id", "deadline_passed",
+           "format_fields"]

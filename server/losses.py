@@ -80,6 +80,12 @@ class ContentLoss:
         return self.target.loss((features.float() - self.target.mean).pow(2).mean())
 
 
+def gram_target(features: torch.Tensor) -> torch.Tensor:
+    """The float32 [C, C] Gram matrix of one style image's [1, C, H, W] features: what
+    :class:`StyleLoss` compares against (and what the target cache keeps)."""
+    return kernels.gram(features.float()).squeeze(0)
+
+
 class StyleLoss:
     """Relative Gram-matrix MSE of one layer against a blend of style targets.
 
@@ -89,8 +95,15 @@ class StyleLoss:
     """
 
     def __init__(self, targets: Sequence[torch.Tensor], blend_weights: Sequence[float]):
-        grams = [kernels.gram(f.float()).squeeze(0) for f in targets]
-        self.target = BlendedTarget.blend(grams, blend_weights)
+        self.target = BlendedTarget.blend([gram_target(f) for f in targets], blend_weights)
+
+    @classmethod
+    def from_grams(cls, grams: Sequence[torch.Tensor], blend_weights: Sequence[float]
+                   ) -> StyleLoss:
+        """The loss against precomputed targets: :func:`gram_target` of each style image."""
+        loss = cls.__new__(cls)
+        loss.target = BlendedTarget.blend(grams, blend_weights)
+        return loss
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """The unweighted relative loss of ``features`` ([1, C, H, W]), 0-dim float32."""
@@ -119,10 +132,13 @@ class LayerSum:
         return {name: loss(features[name]) for name, loss in self.losses.items()}
 
     def weighted(self, per_layer: dict[str, torch.Tensor]) -> torch.Tensor:
-        """sum_l w_l * loss_l of what :meth:`__call__` returned."""
-        total = torch.zeros(())
-        for name, value in per_layer.items():
-            total = total.to(value.device) + self.layer_weights[name] * value
+        """sum_l w_l * loss_l of what :meth:`__call__` returned (0-dim, on their device)."""
+        # Summed on the values' device: starting from a CPU zero would copy it to the GPU,
+        # a host-device transfer, on every call.
+        terms = [self.layer_weights[name] * value for name, value in per_layer.items()]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
         return total
 
 

@@ -2,12 +2,14 @@
 
     objective = Objective.build(extractor, contents, styles, options)   # checks, then targets
     total, losses = objective.evaluate(x)    # x: [1, 3, H, W] RGB in [0, 1]
+    total, terms = objective.evaluate_terms(x)   # the same, as tensors: no host transfer
 
     total(x) = content_weight * content(x) + style_weight * style(x) + tv_weight * tv(x)
 
 with the terms of :mod:`gramstyle.server.losses`. An :class:`Objective` is plain data (the
 loss modules, their weights, the pixels they were built from); building one runs the network
-on the targets once, evaluating it runs the network on ``x``.
+on the targets once (or takes them from a :class:`~gramstyle.server.target_cache.TargetCache`),
+evaluating it runs the network on ``x``.
 
 The checks that need the network live here, in :func:`check_against_network`; the options'
 own bounds are in their declaration (:class:`gramstyle.options.StyleOptions`), and the
@@ -17,8 +19,8 @@ checks of the images given against the options in :func:`check_images`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -28,11 +30,14 @@ from gramstyle.options import StyleOptions, check_weights
 from gramstyle.results import Losses
 from gramstyle.server.colour import to_tensor
 from gramstyle.server.extractor import VGGFeatures
-from gramstyle.server.losses import ContentLoss, LayerSum, StyleLoss, tv_loss
+from gramstyle.server.losses import ContentLoss, LayerSum, StyleLoss, gram_target, tv_loss
+from gramstyle.server.precision import resolve_precision
+from gramstyle.server.target_cache import TargetCache, image_digest
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The network's precision: bf16 autocast for 'bf16', nothing for 'fp32'."""
+    """The network's precision: bf16 autocast for 'bf16', nothing for 'fp32' (resolve 'auto'
+    first: :func:`gramstyle.server.precision.resolve_precision`)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -102,6 +107,50 @@ def check_against_network(extractor: VGGFeatures, options: StyleOptions,
 
 
 @dataclass
+class LossTerms:
+    """The loss terms of one image as 0-dim float32 tensors on the device (see
+    :class:`~gramstyle.results.Losses` for their meaning).
+
+    Keeping them as tensors lets the optimisation loop run without host synchronisation;
+    :meth:`losses` fetches all of them in one transfer when a report needs them.
+    """
+
+    total: torch.Tensor
+    content: torch.Tensor
+    style: torch.Tensor
+    tv: torch.Tensor
+    content_layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    style_layers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def detach(self) -> LossTerms:
+        """The same terms cut from the autograd graph (so keeping them keeps no graph)."""
+        return LossTerms(self.total.detach(), self.content.detach(), self.style.detach(),
+                         self.tv.detach(), {n: v.detach() for n, v in self.content_layers.items()},
+                         {n: v.detach() for n, v in self.style_layers.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every term, in the order :meth:`losses` reads them back."""
+        return [self.total, self.content, self.style, self.tv, *self.content_layers.values(),
+                *self.style_layers.values()]
+
+    def losses(self, values: Sequence[float] | None = None) -> Losses:
+        """The terms as floats: from ``values`` (what :func:`fetch` gave for
+        :meth:`tensors`), or fetched now in one transfer."""
+        values = fetch(self.tensors()) if values is None else list(values)
+        total, content, style, tv = values[:4]
+        rest = values[4:]
+        n = len(self.content_layers)
+        return Losses(total=total, content=content, style=style, tv=tv,
+                      content_layers=dict(zip(self.content_layers, rest[:n], strict=True)),
+                      style_layers=dict(zip(self.style_layers, rest[n:], strict=True)))
+
+
+def fetch(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Several 0-dim tensors as floats, in one device-to-host transfer."""
+    return torch.stack([t.detach().float() for t in tensors]).tolist()
+
+
+@dataclass
 class Objective:
     """What one run minimises at one output size. Build it with :meth:`build`."""
 
@@ -112,7 +161,7 @@ class Objective:
     content_weight: float
     style_weight: float
     tv_weight: float
-    #: 'fp32' or 'bf16' (autocast of the network; losses stay float32).
+    #: 'fp32' or 'bf16' (autocast of the network; losses stay float32), never 'auto'.
     precision: str
     #: The output size in px.
     width: int
@@ -124,46 +173,83 @@ class Objective:
     styles: list[torch.Tensor]
     #: The pixels whose colours (chroma) the output keeps, or None to keep its own.
     colours_of: torch.Tensor | None = None
+    #: Called between network layers (and bands of large ones, forward and backward); it
+    #: raises to stop a cancelled request (see :func:`gramstyle.server.bands.run_layer`).
+    check: Callable[[float], None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, extractor: VGGFeatures, contents: Sequence[Image.Image],
               styles: Sequence[Image.Image], options: StyleOptions,
-              size: tuple[int, int] | None = None, output_field: str = "size") -> Objective:
+              size: tuple[int, int] | None = None, output_field: str = "size", *,
+              cache: TargetCache | None = None, model_key: Hashable = (),
+              check: Callable[[float], None] | None = None) -> Objective:
         """Check the images against ``options`` and the network, then compute the targets.
 
         ``options`` must be validated (:meth:`StyleTransfer.validate`). ``size`` = (width,
         height) of the output in px; by default the first content (or style) image resized
         to long side ``options.size``. Content images are resized to exactly ``size``, style
         images to long side ``max(size) * style_scale``.
+
+        With ``cache``, each image's targets are looked up there first (and stored after a
+        miss) under ``model_key`` (what identifies the network; see
+        :mod:`gramstyle.server.target_cache` for the whole key).
+
+        ``check`` is told the estimated seconds of each resize and of each layer (and band)
+        of the network passes before they run; it raises to stop (a cancelled request), and
+        is kept for :meth:`evaluate_terms`.
         """
+        tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
         if size is None:
             size = resize_long_side(contents[0] if contents else styles[0], options.size).size
         width, height = size
         side = style_side(width, height, options.style_scale)
-        styles = [resize_long_side(s, side) for s in styles]
+
+        def resized(image: Image.Image, to: int | tuple[int, int]) -> Image.Image:
+            # Lanczos costs about 40 ns per source pixel on a CPU core.
+            tick(image.width * image.height * 4e-8)
+            if isinstance(to, int):
+                return resize_long_side(image, to)
+            return image.resize(to, Image.Resampling.LANCZOS) if image.size != to else image
+
+        styles = [resized(s, side) for s in styles]
         check_against_network(extractor, options, size, content=bool(contents),
                               styles=[s.size for s in styles], output_field=output_field)
 
         device = extractor.mean.device
-        content_t = [to_tensor(c.resize(size, Image.Resampling.LANCZOS)
-                               if c.size != size else c, device) for c in contents]
+        precision = resolve_precision(options.precision, device)
+        content_t = [to_tensor(resized(c, size), device) for c in contents]
         style_t = [to_tensor(s, device) for s in styles]
         content_layers = list(options.content_layers) if contents else []
         style_layers = list(options.style_layers) if styles else []
+
+        def targets(kind: str, image: Image.Image, pixels: torch.Tensor, layers: list[str],
+                    compute) -> dict[str, torch.Tensor]:
+            def run() -> dict[str, torch.Tensor]:
+                with torch.no_grad(), autocast(device, precision):
+                    return compute(extractor(pixels, layers, check))
+            if cache is None:
+                return run()
+            key = (kind, model_key, precision, image_digest(image),
+                   (pixels.shape[-1], pixels.shape[-2]), tuple(layers))
+            return cache.get_or_compute(key, run)
+
         content_loss = style_loss = None
-        with torch.no_grad(), autocast(device, options.precision):
-            if content_layers:
-                feats = [extractor(c, content_layers) for c in content_t]
-                content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
-                                         for n in content_layers}, options.content_layer_weights)
-            if style_layers:
-                feats = [extractor(s, style_layers) for s in style_t]
-                style_loss = LayerSum({n: StyleLoss([f[n] for f in feats], style_blend)
-                                       for n in style_layers}, options.style_layer_weights)
+        if content_layers:
+            feats = [targets("content", c, t, content_layers, lambda f: f)
+                     for c, t in zip(contents, content_t, strict=True)]
+            content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
+                                     for n in content_layers}, options.content_layer_weights)
+        if style_layers:
+            grams = [targets("style", s, t, style_layers,
+                             lambda f: {n: gram_target(v) for n, v in f.items()})
+                     for s, t in zip(styles, style_t, strict=True)]
+            style_loss = LayerSum({n: StyleLoss.from_grams([g[n] for g in grams], style_blend)
+                                   for n in style_layers}, options.style_layer_weights)
         return cls(extractor, content_loss, style_loss, options.content_weight,
-                   options.style_weight, options.tv_weight, options.precision, width, height,
-                   content_t, style_t, content_t[0] if options.preserve_colors else None)
+                   options.style_weight, options.tv_weight, precision, width, height,
+                   content_t, style_t, content_t[0] if options.preserve_colors else None,
+                   check=check)
 
     @property
     def device(self) -> torch.device:
@@ -174,11 +260,12 @@ class Objective:
         """The layers the losses read."""
         return {name for term in (self.content, self.style) if term for name in term.layers}
 
-    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, Losses]:
+    def evaluate_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, LossTerms]:
         """The total loss of pixels ``x`` ([1, 3, height, width], RGB in [0, 1]) as a 0-dim
-        float32 tensor (differentiable in ``x``), and all its terms as floats."""
+        float32 tensor (differentiable in ``x``), and all its terms as tensors. Nothing is
+        copied to the host, so on CUDA this does not synchronise."""
         with autocast(x.device, self.precision):
-            feats = self.extractor(x, self.layers)
+            feats = self.extractor(x, self.layers, self.check)
             content_layers = self.content(feats) if self.content else {}
             style_layers = self.style(feats) if self.style else {}
         zero = torch.zeros((), device=x.device)
@@ -186,9 +273,9 @@ class Objective:
         style = self.style.weighted(style_layers) if self.style else zero
         tv = tv_loss(x)
         total = self.content_weight * content + self.style_weight * style + self.tv_weight * tv
-        losses = Losses(
-            total=total.item(), content=content.item(), style=style.item(), tv=tv.item(),
-            content_layers={n: v.item() for n, v in content_layers.items()},
-            style_layers={n: v.item() for n, v in style_layers.items()},
-        )
-        return total, losses
+        return total, LossTerms(total, content, style, tv, content_layers, style_layers)
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, Losses]:
+        """:meth:`evaluate_terms` with the terms as floats (one host transfer)."""
+        total, terms = self.evaluate_terms(x)
+        return total, terms.losses()

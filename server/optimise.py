@@ -1,35 +1,130 @@
 """The optimisation loop: the output pixels are the variable, the objective is fixed.
 
-    image, losses = optimise(objective_at, options, progress=print)
+    image, losses, run = optimise(objective_at, options, progress=print)
 
 For each scale of the coarse-to-fine pyramid (:func:`gramstyle.options.scale_sizes`): build
 the objective at that size, start from the start image (first scale) or the previous result
-upsampled, and take ``options.iterations`` L-BFGS or Adam steps, clamping the pixels to
-[0, 1] after each. Progress is reported, and ``should_stop`` polled, between steps.
+upsampled, and take up to ``options.iterations`` L-BFGS or Adam steps, clamping the pixels to
+[0, 1] after each. A scale ends early when the loss has converged (``options.tolerance``,
+see :class:`Convergence`). Progress is reported, and ``should_stop`` polled, between steps.
+
+Nothing in a step reads a value back to the host: the loss terms stay tensors
+(:class:`~gramstyle.server.objective.LossTerms`) and L-BFGS is the sync-free
+:class:`~gramstyle.server.lbfgs.LBFGS`. The loop fetches values -- in one transfer -- only
+when a progress report is due, and every ``CONVERGENCE_CHECK_EVERY`` steps for the
+convergence and divergence checks, so on CUDA the CPU queues steps ahead of the GPU.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.profiler import record_function
 
-from gramstyle.options import StyleOptions, scale_sizes
+from gramstyle.options import (
+    CONVERGENCE_CHECK_EVERY,
+    CONVERGENCE_WINDOW,
+    StyleOptions,
+    scale_sizes,
+)
 from gramstyle.results import Losses, Progress
 from gramstyle.server.colour import output_image, to_image, to_tensor
-from gramstyle.server.objective import Objective
+from gramstyle.server.lbfgs import LBFGS
+from gramstyle.server.objective import LossTerms, Objective, fetch
 
 #: Called with (iterations done over all scales, losses of the current image, preview).
 Report = Callable[[int, Losses, Image.Image | None], None]
 
+#: Curvature pairs L-BFGS keeps. Chosen with bench/time_to_quality.py (docs/benchmarks.md).
+LBFGS_HISTORY = 100
+
 
 class Cancelled(Exception):
     """Raised by :func:`optimise` (and ``StyleTransfer.stylize``) when ``should_stop()``
-    returned True."""
+    returned True. ``iterations``: the steps that had run, over all scales."""
+
+    stop_reason = "cancelled"
+
+    def __init__(self, message: str, iterations: int = 0):
+        super().__init__(message)
+        self.iterations = iterations
+
+
+@dataclass
+class Run:
+    """How an optimisation went: steps run over all scales, and why it ended: 'converged'
+    (every scale stopped early, see :class:`Convergence`) or 'cap' (a scale ran all its
+    ``iterations``)."""
+
+    iterations: int
+    stop_reason: str
+
+
+class Convergence:
+    """The early stop of one scale, and its divergence check; holds device tensors only.
+
+    Rule: let L_i be the total loss of the image before step i, and B_i = min(L_0..L_i) the
+    best so far (the minimum makes one uphill L-BFGS step harmless). After every
+    ``CONVERGENCE_CHECK_EVERY`` steps n, the scale has converged when
+
+        B_{n-W} - B_n < tolerance * B_{n-W},   W = CONVERGENCE_WINDOW,
+
+    i.e. the best loss improved by less than the fraction ``tolerance`` over the last W
+    steps. The first test is at n = W + CONVERGENCE_CHECK_EVERY; tolerance 0 never stops.
+    """
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+        self.best: torch.Tensor | None = None
+        #: 1-based index of the first step whose loss was not finite (0: none yet), and that
+        #: loss.
+        self.bad_at: torch.Tensor | None = None
+        self.bad_loss: torch.Tensor | None = None
+        #: Best loss at each check so far: steps -> B.
+        self.checked: dict[int, float] = {}
+
+    def add(self, step: int, total: torch.Tensor) -> None:
+        """Record the loss of step ``step`` (1-based) -- device operations only."""
+        total = total.detach()
+        if self.best is None:
+            self.best = total.clone()
+            self.bad_at = torch.zeros((), device=total.device)
+            self.bad_loss = total.clone()
+        first_bad = (self.bad_at == 0) & ~torch.isfinite(total)
+        self.bad_at = torch.where(first_bad, float(step), self.bad_at)
+        self.bad_loss = torch.where(first_bad, total, self.bad_loss)
+        self.best = torch.minimum(self.best, total)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What :meth:`check` needs, to fetch with the loss terms."""
+        return [self.best, self.bad_at, self.bad_loss]
+
+    def check(self, steps: int, values: list[float], done_before: int, test: bool = True
+              ) -> bool:
+        """With the fetched :meth:`tensors` ``values``, after ``steps`` steps of this scale
+        (``done_before`` at coarser ones): raise if the loss diverged; with ``test``, return
+        whether the scale has converged."""
+        best, bad_at, bad_loss = values
+        if bad_at:
+            raise ValueError(f"learning_rate: the optimisation diverged (total loss {bad_loss} "
+                             f"at iteration {done_before + int(bad_at)}); lower "
+                             f"learning_rate or the loss weights")
+        if not test:
+            return False
+        self.checked[steps] = best
+        then = self.checked.get(steps - CONVERGENCE_WINDOW)
+        if self.tolerance <= 0 or then is None:
+            return False
+        return then - best <= self.tolerance * then
+
+
+# The window must end on a check.
+assert CONVERGENCE_WINDOW % CONVERGENCE_CHECK_EVERY == 0
 
 
 def start_image(objective: Objective, init: str | None, seed: int,
@@ -62,12 +157,11 @@ def start_image(objective: Objective, init: str | None, seed: int,
                       generator=generator).to(objective.device)
 
 
-def make_optimizer(x: torch.Tensor, options: StyleOptions) -> torch.optim.Optimizer:
-    """L-BFGS (one step per call, history 100, no early stop) or Adam on ``x``; the learning
-    rate defaults to 1.0 and 0.02 (pixels in [0, 1])."""
+def make_optimizer(x: torch.Tensor, options: StyleOptions) -> LBFGS | torch.optim.Optimizer:
+    """L-BFGS (one update per step, history ``LBFGS_HISTORY``, no line search, sync-free) or
+    Adam on ``x``; the learning rate defaults to 1.0 and 0.02 (pixels in [0, 1])."""
     if options.optimizer == "lbfgs":
-        return torch.optim.LBFGS([x], lr=options.learning_rate or 1.0, max_iter=1,
-                                 history_size=100, tolerance_grad=0.0, tolerance_change=0.0)
+        return LBFGS(x, lr=options.learning_rate or 1.0, history_size=LBFGS_HISTORY)
     return torch.optim.Adam([x], lr=options.learning_rate or 0.02)
 
 
@@ -80,8 +174,9 @@ def optimise(
     preview: bool = False,
     should_stop: Callable[[], bool] | None = None,
     started: float | None = None,
-) -> tuple[Image.Image, Losses]:
-    """Optimise the output image; return it and its losses (before colour preservation).
+) -> tuple[Image.Image, Losses, Run]:
+    """Optimise the output image; return it, its losses (before colour preservation) and
+    how the run went.
 
     Args:
         objective_at: the objective at output long side ``size`` (px), for each scale.
@@ -89,7 +184,8 @@ def optimise(
         init_image: the start image for init 'image' (or unset init).
         progress: called after 0 iterations (the start image), every
             ``options.progress_every`` iterations and after the last one; iterations count
-            across all scales.
+            the steps run across all scales (a scale that converges early hands over to
+            the next one sooner), against a total of ``iterations * scales``.
         preview: attach the current image (colours preserved if asked) to each Progress.
         should_stop: polled before every step; True raises :class:`Cancelled`.
         started: ``time.perf_counter()`` at the start of the run, for ``elapsed_s``.
@@ -97,66 +193,87 @@ def optimise(
     started = time.perf_counter() if started is None else started
     sizes = scale_sizes(options.size, options.scales)
     total = options.iterations * len(sizes)
+    precision = ""
 
     def report(done: int, losses: Losses, image: Image.Image | None) -> None:
-        progress(Progress(done, total, losses, time.perf_counter() - started, image))
+        progress(Progress(done, total, losses, time.perf_counter() - started, image,
+                          precision=precision))
 
     x = objective = None
-    for k, size in enumerate(sizes):
+    done, converged = 0, True
+    for size in sizes:
         objective = objective_at(size)
+        precision = objective.precision
         if x is None:
             x = start_image(objective, options.init, options.seed, init_image)
         else:  # coarse-to-fine: start from the previous scale's result, upsampled
             x = F.interpolate(x.detach(), size=(objective.height, objective.width),
                               mode="bicubic", align_corners=False).clamp(0, 1)
-        x = x.detach().requires_grad_(True)
-        _steps(objective, x, options, k * options.iterations, total,
-               report if progress is not None else None, preview, should_stop)
+        x = x.detach().contiguous().requires_grad_(True)
+        steps, scale_converged = _steps(objective, x, options, done,
+                                        report if progress is not None else None, preview,
+                                        should_stop)
+        done += steps
+        converged = converged and scale_converged
 
     with torch.no_grad():
         final = x.detach().clamp(0, 1)
         _, losses = objective.evaluate(final)
     image = output_image(final, objective.colours_of)
     if progress is not None:
-        report(total, losses, image if preview else None)
-    return image, losses
+        report(done, losses, image if preview else None)
+    return image, losses, Run(done, "converged" if converged else "cap")
 
 
 def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, offset: int,
-           total: int, report: Report | None, preview: bool,
-           should_stop: Callable[[], bool] | None) -> None:
-    """Run ``options.iterations`` optimiser steps on ``x`` in place.
+           report: Report | None, preview: bool, should_stop: Callable[[], bool] | None
+           ) -> tuple[int, bool]:
+    """Run up to ``options.iterations`` optimiser steps on ``x`` in place; return how many
+    ran and whether the scale converged (see :class:`Convergence`).
 
     ``offset`` is the number of steps done at coarser scales; progress is reported when the
     overall count is a multiple of ``options.progress_every``.
     """
     optimizer = make_optimizer(x, options)
-    last: list[Losses] = []
+    convergence = Convergence(options.tolerance)
+    first: list[LossTerms] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss, losses = objective.evaluate(x)
-        loss.backward()
-        # The extractor runs channels_last on CPU; L-BFGS needs a flat-viewable gradient.
+        # The labels name the phases in torch.profiler traces (bench/profile_iteration.py).
+        with record_function("gramstyle::forward"):
+            loss, terms = objective.evaluate_terms(x)
+        with record_function("gramstyle::backward"):
+            loss.backward()
+        # The extractor runs channels_last on CPU; the optimisers want x's own layout.
         x.grad = x.grad.contiguous()
-        last.append(losses)
+        if not first:  # L-BFGS evaluates once per step, but keep the first if ever more
+            first.append(terms.detach())
         return loss
 
-    for done in range(offset, offset + options.iterations):
+    for step in range(options.iterations):
+        done = offset + step
         if should_stop is not None and should_stop():
-            raise Cancelled(f"stopped after {done} of {total} iterations")
+            raise Cancelled(f"stopped after {done} of {options.iterations * options.scales} "
+                            f"iterations", iterations=done)
         due = report is not None and done % options.progress_every == 0
         # The preview is taken before the step so it matches the losses the step computes.
         image = output_image(x, objective.colours_of) if due and preview else None
-        last.clear()
+        first.clear()
         optimizer.step(closure)
         with torch.no_grad():
             # Keep pixels displayable: the loss of the clamped image is what we return.
             x.clamp_(0, 1)
-        # last[0]: the losses of the image before the step (L-BFGS may evaluate more often).
-        if not math.isfinite(last[0].total):
-            raise ValueError(f"learning_rate: the optimisation diverged (total loss "
-                             f"{last[0].total} at iteration {done + 1}); lower "
-                             f"learning_rate or the loss weights")
+        terms = first[0]  # the losses of the image before the step
+        convergence.add(step + 1, terms.total)
+        check = (step + 1) % CONVERGENCE_CHECK_EVERY == 0 or step + 1 == options.iterations
+        if not (due or check):
+            continue
+        wanted = terms.tensors() if due else []
+        values = fetch(wanted + convergence.tensors())  # the one host transfer
+        converged = convergence.check(step + 1, values[len(wanted):], offset, test=check)
         if due:
-            report(done, last[0], image)
+            report(done, terms.losses(values[:len(wanted)]), image)
+        if converged:
+            return step + 1, True
+    return options.iterations, False

@@ -1,38 +1,53 @@
-"""The gramstyle.v1.StyleTransferService gRPC servicer.
+"""The gramstyle.v1.StyleTransferService servicer (asyncio).
 
-Threading model: gRPC's own thread pool runs the handlers; the optimisation runs on the
-:class:`~gramstyle.server.admission.WorkQueue`'s worker threads. A Stylize handler admits a
-job, then relays the job's progress messages from a local queue to the response stream. So:
+Threading model: the gRPC server runs on one asyncio event loop
+(:class:`gramstyle.server.serve.GramstyleServer`); handlers are coroutines, so an open stream
+-- a Stylize being relayed, an idle reflection or health Watch stream -- holds no thread, and
+no number of them can stop a health check or GetServerInfo from answering. The compute runs
+on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
 
-- cheap RPCs (GetServerInfo, health, reflection) never wait for compute;
-- a full queue is answered RESOURCE_EXHAUSTED at once;
-- when the caller's deadline passes or it cancels, ``context.is_active()`` turns False, the
-  engine's ``should_stop`` sees it before the next iteration and the worker is freed.
+1. **Checks, before anything is decoded** (in the handler): the model, the options and
+   layers, the number of images (``max_images``), then each image's header
+   (:func:`gramstyle.images.probe_image`: allowed format, pixel limit, a ComputeLosses
+   candidate's size) and the request's peak-memory estimate
+   (:mod:`gramstyle.server.memory`), which must fit ``max_request_memory``. A caller's
+   mistake is INVALID_ARGUMENT even while the server is saturated, and never costs a slot.
+   Header parsing runs on a small thread pool, off the event loop.
+2. **Admission**: the job is queued by count and by memory, or refused at once with
+   RESOURCE_EXHAUSTED.
+3. **The job** decodes, computes and encodes the answer on a worker thread; progress
+   messages reach the handler through a bounded relay (a caller that reads more slowly than
+   the job reports loses intermediate progress messages, never the result, and never
+   blocks the worker).
+4. **The end of the call** -- deadline, cancel, shutdown or a normal end -- sets the job's
+   stop flag: a waiting job leaves the queue at once, a running one stops within a second
+   (``should_stop`` is polled at every stage, see the engine).
 
-Requests are checked (model, options, layers) *before* admission, so a caller's mistake is
-reported as INVALID_ARGUMENT even while the server is saturated, and never costs a slot.
-Image bytes are decoded on the worker by the engine (gramstyle.images.load_image), which
-rejects oversized images from the header before decoding. Messages are read and built by
-:mod:`gramstyle.codec`; failures become statuses in :mod:`gramstyle.server.status`.
+Messages are read and built by :mod:`gramstyle.codec`; failures become statuses in
+:mod:`gramstyle.server.status`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
 import gramstyle
 from gramstyle import codec
-from gramstyle.options import MAX_ITERATIONS
+from gramstyle.images import ImageHeader, probe_image
+from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
 from gramstyle.results import ModelInfo, ServerInfo
-from gramstyle.server.admission import QueueFull, WorkQueue
-from gramstyle.server.engine import Cancelled, StyleTransfer
+from gramstyle.server import memory
+from gramstyle.server.admission import QueueFull, ShuttingDown, WorkQueue
+from gramstyle.server.engine import StyleTransfer
 from gramstyle.server.status import ModelNotLoaded, abort
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -41,8 +56,67 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransferService"].full_name
 
-#: How often a handler waiting for its job re-checks that the caller is still there.
-_POLL_S = 0.1
+#: Images a request may carry (content, style, init image and candidate together).
+DEFAULT_MAX_IMAGES = 8
+#: Progress messages held for a caller that reads slowly; older ones are dropped.
+RELAY_LIMIT = 16
+
+
+def _shown(text: str) -> str:
+    """A caller's string as it is, or cut to a preview when long (see options.preview)."""
+    return text if len(text) <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}… ({len(text)} chars)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+class _Relay:
+    """Messages from a worker thread to the handler coroutine, at most ``limit`` held: when
+    the caller reads more slowly than the job reports, the oldest are dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = RELAY_LIMIT):
+        self._loop, self._limit = loop, limit
+        self._items: collections.deque[Any] = collections.deque()
+        self._closed = False
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def put(self, item: Any) -> None:
+        """Hand a message over (any thread)."""
+        self._call(self._put, item)
+
+    def close(self) -> None:
+        """No more messages (any thread)."""
+        self._call(self._close)
+
+    def _call(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
+
+    def _put(self, item: Any) -> None:
+        self._items.append(item)
+        if len(self._items) > self._limit:
+            self._items.popleft()
+            self.dropped += 1
+        self._ready.set()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
 
 class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
@@ -50,22 +124,39 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
     Args:
         engines: loaded models (distinct arch/weights pairs).
-        work: the bounded worker queue that runs Stylize and ComputeLosses.
+        work: the bounded worker queue that runs Stylize and ComputeLosses; its
+            ``memory_budget`` is the most the running jobs' estimates may add up to.
         max_iterations: per-request iteration limit (<= options.MAX_ITERATIONS).
         max_message_bytes: reported in GetServerInfo; the server applies it.
+        max_images: images per request (content, style, init image, candidate together).
+        max_request_memory: the largest peak-memory estimate (bytes) a request may have
+            (None: the queue's memory budget, or no limit).
         on_iterations: called with the number of iterations each Stylize ran (metrics).
     """
 
     def __init__(self, engines: Sequence[StyleTransfer], work: WorkQueue, *,
                  max_iterations: int = MAX_ITERATIONS, max_message_bytes: int = 0,
+                 max_images: int = DEFAULT_MAX_IMAGES, max_request_memory: int | None = None,
                  on_iterations: Callable[[int], None] | None = None):
         if not engines:
             raise ValueError("engines: at least one loaded model is needed")
+        if max_images < 1:
+            raise ValueError(f"max_images: must be >= 1, got {max_images}")
         self.engines = list(engines)
         self.work = work
         self.max_iterations = min(max_iterations, MAX_ITERATIONS)
         self.max_message_bytes = max_message_bytes
+        self.max_images = max_images
+        limits = [n for n in (max_request_memory, work.memory_budget) if n is not None]
+        self.max_request_memory = min(limits) if limits else None
         self._on_iterations = on_iterations
+        # Header parsing is quick but proportional to the message (up to its size limit of
+        # metadata chunks): off the event loop, on a pool small enough not to compete with
+        # the workers.
+        self._headers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gramstyle-headers")
+
+    def close(self) -> None:
+        self._headers.shutdown(wait=False, cancel_futures=True)
 
     def select(self, arch: str, weights: str) -> StyleTransfer:
         """The loaded engine for (arch, weights); empty strings match anything."""
@@ -74,81 +165,174 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                     not weights or weights in (engine.weights, engine.weights_name)):
                 return engine
         loaded = ", ".join(f"{e.arch}/{e.weights_name}" for e in self.engines)
-        asked = f"{arch or '*'}/{weights or '*'}"
+        asked = f"{_shown(arch or '*')}/{_shown(weights or '*')}"
         field = "weights" if weights else "arch"
         raise ModelNotLoaded(f"{field}: model {asked} is not loaded on this server; "
                              f"loaded: {loaded}")
 
-    def _admit(self, context: grpc.ServicerContext, request: Any, read_options: Callable
-               ) -> tuple[StyleTransfer, Any]:
-        """The engine and validated options of a request; aborts on a caller's mistake."""
+    # ------------------------------------------------------------------ checks
+
+    def _validate(self, request: Any, read_options: Callable[[Any], StyleOptions],
+                  optimises: bool = True) -> tuple[StyleTransfer, StyleOptions]:
+        engine = self.select(request.arch, request.weights)
+        options = read_options(request)
+        if optimises:
+            return engine, engine.validate(options, self.max_iterations)
+        # ComputeLosses runs no iterations, and its size is the candidate's (checked once its
+        # header is read): neither default may be held against the server's limits.
+        return engine, engine.validate(dataclasses.replace(options, size=16), MAX_ITERATIONS)
+
+    def _count(self, request: Any, extra: dict[str, int]) -> None:
+        """Refuse more than ``max_images`` images, before anything is decoded."""
+        counts = {"content": len(request.content), "style": len(request.style), **extra}
+        total = sum(counts.values())
+        if total > self.max_images:
+            listed = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            raise ValueError(f"content/style: the request has {total} images ({listed}), over "
+                             f"this server's limit of {self.max_images} images per request")
+
+    def _fits(self, estimate: memory.Estimate, options: StyleOptions, losses: bool) -> None:
+        """Refuse a request whose estimated peak memory is over the per-request limit,
+        naming what to lower."""
+        limit = self.max_request_memory
+        if limit is None or estimate.total <= limit:
+            return
+        largest = estimate.largest
+        if largest == "images":
+            field, advice = "content/style", "send fewer or smaller images"
+        elif losses:
+            field, advice = "candidate", "send a smaller candidate, or lower style_scale"
+        elif largest == "targets" and options.style_scale > 1:
+            field, advice = "style_scale", "lower style_scale or size"
+        elif largest == "optimiser":
+            field, advice = "size", ("lower size, or use optimizer adam (L-BFGS keeps up to "
+                                     "100 copies of the image)")
+        else:
+            field, advice = "size", "lower size or style_scale, or use fewer loss layers"
+        raise ValueError(f"{field}: the request needs {estimate.describe()}, over this "
+                         f"server's limit of {_size(limit)} per request; {advice}")
+
+    async def _headers_of(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (which reads image headers) on the header pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._headers, fn)
+
+    def _probe(self, images: Sequence[pb.WeightedImage], field: str, max_pixels: int
+               ) -> list[ImageHeader]:
+        return [probe_image(image.data, f"{field}[{i}]", max_pixels)
+                for i, image in enumerate(images)]
+
+    def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:
+        return self.work.submit(job, memory=estimate.total)
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Stylize(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.StylizeResponse]:
         try:
-            engine = self.select(request.arch, request.weights)
-            return engine, engine.validate(read_options(request), self.max_iterations)
+            engine, options = self._validate(request, codec.stylize_options)
+            fmt = codec.output_format(request.output_format)
+            self._count(request, {"init_image": 1 if request.init_image else 0})
+
+            def plan() -> memory.Estimate:
+                contents = self._probe(request.content, "content", engine.max_pixels)
+                styles = self._probe(request.style, "style", engine.max_pixels)
+                init = (probe_image(request.init_image, "init_image", engine.max_pixels)
+                        if request.init_image else None)
+                encoded = sum(len(i.data) for i in (*request.content, *request.style))
+                return memory.estimate_stylize(engine.extractor, options, contents, styles,
+                                               init, encoded + len(request.init_image))
+
+            estimate = await self._headers_of(plan)
+            self._fits(estimate, options, losses=False)
         except (ModelNotLoaded, ValueError) as exc:
-            abort(context, exc)
+            await abort(context, exc)
 
-    def _submit(self, context: grpc.ServicerContext, job: Callable[[], object]) -> Future:
-        try:
-            return self.work.submit(job, should_run=context.is_active)
-        except QueueFull as exc:
-            abort(context, exc)
-
-    def Stylize(self, request: pb.StylizeRequest, context: grpc.ServicerContext
-                ) -> Iterator[pb.StylizeResponse]:
-        engine, options = self._admit(context, request, codec.stylize_options)
-        fmt = codec.output_format(request.output_format)
-        # The worker puts progress messages here; None marks the end of the job.
-        events: queue.SimpleQueue[pb.StylizeResponse | None] = queue.SimpleQueue()
+        relay = _Relay(asyncio.get_running_loop())
         stop = threading.Event()
-        context.add_callback(stop.set)  # fires when the call ends for any reason
 
-        def job():
-            return engine.stylize(
+        def job() -> pb.StylizeResponse:
+            result = engine.stylize(
                 [image.data for image in request.content], [image.data for image in request.style],
                 options, init_image=request.init_image or None, preview=request.preview,
-                progress=lambda p: events.put(codec.progress_message(p, fmt)),
-                should_stop=lambda: stop.is_set() or not context.is_active())
+                progress=lambda p: relay.put(codec.progress_message(p, fmt)),
+                should_stop=stop.is_set)
+            if self._on_iterations is not None:
+                self._on_iterations(result.iterations)
+            return codec.result_message(result, fmt)  # encoded here, off the event loop
 
-        future = self._submit(context, job)
-        future.add_done_callback(lambda _: events.put(None))
-        while True:
+        try:
+            future = self._submit(job, estimate)
+        except (QueueFull, ShuttingDown) as exc:
+            await abort(context, exc)
+        future.add_done_callback(lambda _: relay.close())
+        try:
+            async for message in relay:
+                yield message
             try:
-                event = events.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not context.is_active():
-                    stop.set()  # the worker stops before its next iteration
-                continue
-            if event is None:
-                break
-            yield event
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 -- mapped to a status code
+                await abort(context, exc)
+            if relay.dropped:
+                log.info("%d progress message(s) dropped: the caller read slowly",
+                         relay.dropped)
+            yield result
+        finally:
+            stop.set()  # the call ended (for any reason): stop the job ...
+            future.cancel()  # ... or take it out of the queue at once
+
+    async def ComputeLosses(self, request: pb.ComputeLossesRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ComputeLossesResponse:
         try:
-            result = future.result()
-        except BaseException as exc:  # noqa: BLE001 -- mapped to a status code
-            abort(context, exc)
-        if self._on_iterations is not None:
-            self._on_iterations(result.iterations)
-        yield codec.result_message(result, fmt)
+            engine, options = self._validate(request, codec.losses_options, optimises=False)
+            self._count(request, {"candidate": 1})
 
-    def ComputeLosses(self, request: pb.ComputeLossesRequest, context: grpc.ServicerContext
-                      ) -> pb.ComputeLossesResponse:
-        engine, options = self._admit(context, request, codec.losses_options)
+            def plan() -> tuple[memory.Estimate, StyleOptions]:
+                candidate = probe_image(request.candidate, "candidate", engine.max_pixels,
+                                        max_side=engine.max_size)
+                # As the engine does: the candidate's long side stands in for `size`.
+                checked = engine.validate(dataclasses.replace(
+                    options, size=max(16, candidate.width, candidate.height)), MAX_ITERATIONS)
+                contents = self._probe(request.content, "content", engine.max_pixels)
+                styles = self._probe(request.style, "style", engine.max_pixels)
+                encoded = sum(len(i.data) for i in (*request.content, *request.style))
+                return memory.estimate_losses(engine.extractor, checked, candidate, contents,
+                                              styles, request.gradient,
+                                              encoded + len(request.candidate)), checked
 
-        def job():
-            return engine.compute_losses(
+            estimate, options = await self._headers_of(plan)
+            self._fits(estimate, options, losses=True)
+        except (ModelNotLoaded, ValueError) as exc:
+            await abort(context, exc)
+
+        stop = threading.Event()
+
+        def job() -> pb.ComputeLossesResponse:
+            report = engine.compute_losses(
                 request.candidate, [image.data for image in request.content],
-                [image.data for image in request.style], options, gradient=request.gradient)
+                [image.data for image in request.style], options, gradient=request.gradient,
+                should_stop=stop.is_set)
+            return codec.loss_report_message(report)
 
-        future = self._submit(context, job)
         try:
-            report = _wait(future, context)
-        except BaseException as exc:  # noqa: BLE001 -- mapped to a status code
-            abort(context, exc)
-        return codec.loss_report_message(report)
+            future = self._submit(job, estimate)
+        except (QueueFull, ShuttingDown) as exc:
+            await abort(context, exc)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- mapped to a status code
+            await abort(context, exc)
+        finally:
+            stop.set()
+            future.cancel()
 
-    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-                      ) -> pb.GetServerInfoResponse:
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         default = self.engines[0]
+        extra = {}
+        if hasattr(default, "auto_precision"):
+            extra["precision"] = default.auto_precision
         return codec.server_info_message(ServerInfo(
             version=gramstyle.__version__,
             models=[ModelInfo(arch=e.arch, weights=e.weights_name, pooling=e.pooling,
@@ -156,24 +340,22 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                     for e in self.engines],
             backend=default.backend,
             device=str(default.device),
-            limits={"max_pixels": default.max_pixels, "max_size": default.max_size,
-                    "max_iterations": self.max_iterations,
-                    "max_message_bytes": self.max_message_bytes,
-                    "workers": self.work.workers, "queue_size": self.work.queue_size},
+            limits=self.limits(),
             busy_workers=self.work.busy,
             queued=self.work.queued,
+            **extra,
         ))
 
+    def limits(self) -> dict[str, int]:
+        """The limits GetServerInfo reports (the fields of the Limits message)."""
+        default = self.engines[0]
+        return {"max_pixels": default.max_pixels, "max_size": default.max_size,
+                "max_iterations": self.max_iterations,
+                "max_message_bytes": self.max_message_bytes,
+                "workers": self.work.workers, "queue_size": self.work.queue_size,
+                "max_images": self.max_images,
+                "max_request_memory_bytes": self.max_request_memory or 0,
+                "memory_budget_bytes": self.work.memory_budget or 0}
 
-def _wait(future: Future, context: grpc.ServicerContext):
-    """``future.result()``, but give up (the job then gets dropped) if the caller goes away."""
-    while True:
-        try:
-            return future.result(timeout=_POLL_S)
-        except TimeoutError:
-            if not context.is_active():
-                future.cancel()  # drops it if still queued; a running one finishes
-                raise Cancelled("the caller went away") from None
 
-
-__all__ = ["SERVICE_NAME", "StyleTransferService"]
+__all__ = ["DEFAULT_MAX_IMAGES", "SERVICE_NAME", "StyleTransferService"]

@@ -4,13 +4,19 @@ Bad input is INVALID_ARGUMENT (FAILED_PRECONDITION for a model the server did no
 INTERNAL. The status also carries a ``google.rpc.BadRequest`` with the field the message
 names, so programs can read which field was wrong without parsing the message (the client's
 ``ServiceError.violations``).
+
+No status message is longer than :data:`MAX_STATUS_BYTES` (UTF-8): values echoed from the
+request are already cut to a preview where the message is made (``options.preview``), and
+:func:`cap_message` cuts whatever is left. A longer message would push the status and its
+details past gRPC's 16 KiB metadata limit, and the client would see RESOURCE_EXHAUSTED
+instead of the real code.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import CancelledError
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import torch
@@ -19,27 +25,47 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from gramstyle.codec import error_field
-from gramstyle.server.admission import QueueFull
+from gramstyle.server.admission import QueueFull, ShuttingDown
 from gramstyle.server.engine import Cancelled
-from gramstyle.server.interceptors import current_request_id
+from gramstyle.server.interceptors import (
+    MalformedRequest,
+    current_request_id,
+    deadline_passed,
+)
 
 log = logging.getLogger(__name__)
+
+#: Longest status message, in UTF-8 bytes.
+MAX_STATUS_BYTES = 1024
 
 
 class ModelNotLoaded(Exception):
     """The request names an arch/weights pair this server did not load."""
 
 
-def status_of(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+def cap_message(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes, ending "… (N chars)" when cut."""
+    if len(message.encode()) <= limit:
+        return message
+    tail = f"… ({len(message)} chars)"
+    room = limit - len(tail.encode())
+    head = message.encode()[:room].decode("utf-8", errors="ignore")
+    return head + tail
+
+
+def status_of(exc: BaseException, context: Any) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failure ends the call with."""
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, ShuttingDown):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ModelNotLoaded):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, MalformedRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (Cancelled, CancelledError)):
-        remaining = context.time_remaining()
-        code = (grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED)
+        code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context)
+                else grpc.StatusCode.CANCELLED)
         return code, f"stopped: {exc}" if str(exc) else "stopped"
     if isinstance(exc, ValueError):  # includes images.ImageError and WeightsError
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -54,7 +80,8 @@ def status_of(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.S
 
 def rich_status(code: grpc.StatusCode, message: str) -> grpc.Status:
     """A status whose details hold a BadRequest naming the field, when the message names one
-    and the code blames the request."""
+    and the code blames the request. The message is capped (:func:`cap_message`)."""
+    message = cap_message(message)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     field = error_field(message)
     if field is not None and code in (grpc.StatusCode.INVALID_ARGUMENT,
@@ -67,7 +94,12 @@ def rich_status(code: grpc.StatusCode, message: str) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
-    """End the call with the status that fits ``exc``."""
-    context.abort_with_status(rich_status(*status_of(exc, context)))
-    raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the call with the status that fits ``exc`` (raises grpc.aio.AbortError)."""
+    status = rich_status(*status_of(exc, context))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+__all__ = ["MAX_STATUS_BYTES", "ModelNotLoaded", "abort", "cap_message", "rich_status",
+           "status_of"]

@@ -1,9 +1,17 @@
-"""Shared fixtures: the shared test images and weights, and engines loaded once per session."""
+"""Shared fixtures: the shared test images and weights, engines loaded once per session, and a
+spy at the engine boundary (what the gRPC servicer passes to the engine, and when it stops)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +65,106 @@ def hed_engine(vgg16_weights):
     from gramstyle.server import StyleTransfer
 
     return StyleTransfer(arch="vgg16", weights=str(vgg16_weights), device="cpu")
+
+
+# ------------------------------------------------------------------ a spy at the engine boundary
+
+
+@dataclass
+class SpiedCall:
+    """One call into an engine, as the spy saw it."""
+
+    method: str  # "stylize" or "compute_losses"
+    #: A copy of the options the engine received.
+    options: Any
+    kwargs: dict
+    #: should_stop polls that let an optimisation step run (the engine polls before each).
+    steps: int = 0
+    #: ... of which after the test set ``EngineSpy.caller_gone``.
+    steps_after_caller_gone: int = 0
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class EngineSpy:
+    """Wraps ``engine.stylize`` and ``engine.compute_losses`` -- the calls the gRPC servicer
+    makes -- to record what arrived and how each run went, without changing either.
+
+    ``on_progress(call, progress)``, when set, runs in the worker thread before each progress
+    report reaches the servicer (e.g. a barrier). Set ``caller_gone`` when the caller has seen
+    its call end (deadline, cancel): steps started afterwards are counted.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, engine: Any):
+        self.calls: list[SpiedCall] = []
+        self.caller_gone = threading.Event()
+        self.on_progress: Callable[[SpiedCall, Any], None] | None = None
+        self._lock = threading.Lock()
+        for method in ("stylize", "compute_losses"):
+            monkeypatch.setattr(engine, method, self._wrap(method, getattr(engine, method)))
+
+    def _wrap(self, method: str, real: Callable) -> Callable:
+        signature = inspect.signature(real)
+
+        def call_engine(*args: Any, **kwargs: Any) -> Any:
+            options = signature.bind(*args, **kwargs).arguments.get("options")
+            call = SpiedCall(method, dataclasses.replace(options) if options else None,
+                             dict(kwargs))
+            with self._lock:
+                self.calls.append(call)
+            should_stop, progress = kwargs.get("should_stop"), kwargs.get("progress")
+
+            def polled() -> bool:
+                stop = bool(should_stop is not None and should_stop())
+                if not stop:
+                    call.steps += 1
+                    call.steps_after_caller_gone += self.caller_gone.is_set()
+                return stop
+
+            def progressed(p: Any) -> None:
+                if self.on_progress is not None:
+                    self.on_progress(call, p)
+                if progress is not None:
+                    progress(p)
+
+            if method == "stylize":
+                kwargs["should_stop"], kwargs["progress"] = polled, progressed
+            try:
+                return real(*args, **kwargs)
+            except BaseException as exc:
+                call.error = exc
+                raise
+            finally:
+                call.finished.set()
+
+        return call_engine
+
+    def last(self, method: str = "stylize", timeout: float = 60) -> SpiedCall:
+        """The latest call of ``method``, once it has finished."""
+        calls = [c for c in self.calls if c.method == method]
+        assert calls, f"the engine's {method} was never called"
+        assert calls[-1].finished.wait(timeout), f"the engine's {method} did not return"
+        return calls[-1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """Poll ``condition`` until it is truthy; fail after a generous ``timeout`` (s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., Any]:
+    """:func:`wait_for`, as a fixture (conftest.py is not meant to be imported)."""
+    return wait_for
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Callable[[Any], EngineSpy]:
+    """``spy(engine)``: an :class:`EngineSpy` on that engine for this test."""
+    return lambda engine: EngineSpy(monkeypatch, engine)

@@ -16,6 +16,7 @@ SMALL = ["--size", "64", "--iterations", "3", "--arch", "vgg19", "--weights", "r
          "--device", "cpu", "--quiet"]
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(tmp_path, images, vgg16_weights):
     exe = shutil.which("gramstyle") or shutil.which("gramstyle", path=Path(sys.executable).parent)
     assert exe, "the gramstyle console script is not installed"
@@ -39,6 +40,7 @@ def test_console_script_end_to_end(tmp_path, images, vgg16_weights):
         assert image.width > 5 * 192 and image.height > 100
 
 
+@pytest.mark.slow
 def test_two_contents_two_styles_and_jpeg(tmp_path, images, capsys):
     out = tmp_path / "out.jpg"
     code = main(["stylize", "--content", str(images["cat"]), "--content", str(images["coffee"]),
@@ -133,6 +135,7 @@ def test_unexpected_errors_are_one_line_exit_1(monkeypatch, tmp_path, images, ca
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow
 def test_init_defaults_follow_the_inputs(tmp_path, images, capsys):
     # --init-image alone starts from that image; no content at all starts from noise.
     assert main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
@@ -154,3 +157,59 @@ def test_timeout_needs_a_server(tmp_path, images, capsys):
                  "--timeout", "5", "-o", str(tmp_path / "o.png"), *SMALL])
     assert code == 2 and "--timeout: is the deadline of a call to --server" in (
         capsys.readouterr().err)
+
+
+def test_progress_sheet_frames_thinning_and_labels(tmp_path, images, monkeypatch):
+    """The sheet holds the frames every --progress-every iterations plus the content image;
+    beyond 8 frames it is thinned evenly, keeping the first and the last; each label names
+    the iteration its image is from (compared with the --save-every frames)."""
+    import numpy as np
+
+    from gramstyle.client import progress_sheet
+
+    drawn = []
+    draw = progress_sheet.draw_progress_sheet
+
+    def spy(frames, *args, **kwargs):
+        drawn.append([(label, image.copy()) for label, image in frames])
+        return draw(frames, *args, **kwargs)
+
+    monkeypatch.setattr(progress_sheet, "draw_progress_sheet", spy)
+    out, sheet = tmp_path / "out.png", tmp_path / "sheet.png"
+    assert main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 "-o", str(out), "--size", "32", "--iterations", "18", "--progress-every", "2",
+                 "--save-every", "1", "--progress-sheet", str(sheet), "--arch", "vgg19",
+                 "--weights", "random", "--device", "cpu", "--quiet"]) == 0
+    (frames,) = drawn
+    # 10 frames (iterations 0, 2, ..., 18), thinned to 8 at evenly spaced indices.
+    kept = [2 * round(i) for i in np.linspace(0, 9, 8)]
+    assert kept == [0, 2, 6, 8, 10, 12, 16, 18]
+    assert [label for label, _ in frames] == [f"iteration {i}" for i in kept] + ["content"]
+    for (label, image), iteration in zip(frames, kept, strict=False):
+        if iteration == 18:
+            expected = Image.open(out)  # the last frame is the output itself
+        elif iteration == 0:  # the start: the content image (init content) at 32 px
+            expected = Image.open(images["cat"]).convert("RGB").resize(image.size,
+                                                                       Image.LANCZOS)
+            assert np.abs(np.asarray(image, float) - np.asarray(expected, float)).mean() < 3
+            continue
+        else:
+            expected = Image.open(tmp_path / f"out_{iteration:04d}.png")
+        assert np.array_equal(np.asarray(image), np.asarray(expected)), label
+    # The file is that drawing: nine 192 px tiles (all landscape) with 8 px gaps.
+    with Image.open(sheet) as written:
+        assert written.width == 9 * 192 + 10 * 8
+        assert np.array_equal(np.asarray(written),
+                              np.asarray(draw(frames)))
+
+
+def test_pick_frames_thins_evenly_keeping_first_and_last():
+    from gramstyle.client.progress_sheet import MAX_FRAMES, pick_frames
+
+    frames = [(i, None) for i in range(0, 110, 10)]  # 11 frames
+    assert pick_frames(frames[:MAX_FRAMES]) == frames[:MAX_FRAMES]  # 8: all kept
+    picked = [i for i, _ in pick_frames(frames)]
+    assert len(picked) == MAX_FRAMES and picked[0] == 0 and picked[-1] == 100
+    assert picked == sorted(set(picked))
+    gaps = {b - a for a, b in zip(picked, picked[1:], strict=False)}
+    assert gaps <= {10, 20}  # evenly spread: no gap wider than two frames

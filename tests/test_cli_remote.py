@@ -26,7 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_stylize_remote_writes_output_frames_and_sheet(target, images, tmp_path, capsys):
+def test_stylize_remote_writes_output_frames_and_sheet(target, images, tmp_path, capsys,
+                                                       monkeypatch):
+    from gramstyle.client import progress_sheet
+
+    drawn = []
+    draw = progress_sheet.draw_progress_sheet
+    monkeypatch.setattr(progress_sheet, "draw_progress_sheet",
+                        lambda frames, *a, **k: drawn.append(list(frames)) or draw(frames, *a, **k))
     out = tmp_path / "out.jpg"
     code = main(["stylize", "--server", target, "--content", str(images["cat"]), "--style",
                  str(images["starry"]), "--size", "48", "--iterations", "6",
@@ -38,8 +45,12 @@ def test_stylize_remote_writes_output_frames_and_sheet(target, images, tmp_path,
     assert Image.open(tmp_path / "out_0003.jpg").size == (48, 32)
     assert not (tmp_path / "out_0006.jpg").exists()  # the last one is the output itself
     sheet = Image.open(tmp_path / "sheet.png")
-    # Frames 0, 2, 4, 6 plus the content image, each in a 192 px tile.
-    assert sheet.width >= 5 * 192
+    # Frames 0, 2, 4, 6 plus the content image, each in a 192 px tile, 8 px apart.
+    assert sheet.width == 5 * 192 + 6 * 8
+    (frames,) = drawn
+    assert [label for label, _ in frames] == ["iteration 0", "iteration 2", "iteration 4",
+                                              "iteration 6", "content"]
+    assert [image.size for _, image in frames[:4]] == [(48, 32)] * 4
     assert f"wrote {out} (48x32) after 6 iterations" in captured.out
     assert "6/6" in captured.err  # the tqdm bar reached the end
 
@@ -104,6 +115,23 @@ def test_losses_remote_matches_local(target, images, tmp_path, capsys):
     assert remote.splitlines()[-1].endswith("for a 48x32 candidate")
     import numpy as np
     assert np.load(tmp_path / "g.npy").shape == (3, 32, 48)
+
+
+def test_bf16_precision_through_the_cli(target, images, tmp_path, capsys):
+    """--precision bf16 over --server gives the local bf16 losses, not the fp32 ones."""
+    candidate = tmp_path / "candidate.png"
+    Image.open(images["coffee"]).convert("RGB").resize((48, 32)).save(candidate)
+    common = [str(candidate), "--content", str(images["cat"]), "--style", str(images["starry"]),
+              "--arch", "vgg19", "--weights", "random"]
+    tables = {}
+    for where, precision in (("remote", "bf16"), ("local", "bf16"), ("remote", "fp32")):
+        place = ["--server", target] if where == "remote" else ["--device", "cpu"]
+        assert main(["losses", *common, "--precision", precision, *place]) == 0
+        tables[where, precision] = [line for line in capsys.readouterr().out.splitlines()
+                                    if not line.startswith("computed on")]
+    assert tables["remote", "bf16"] == tables["local", "bf16"]
+    assert tables["remote", "bf16"] != tables["remote", "fp32"]
+    assert tables["remote", "bf16"][0].split() == ["term", "loss", "weight", "weighted"]
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -63,3 +63,38 @@ def test_save_is_atomic_and_readable(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(ImageError, match=r"^format: unsupported output format 'gif'"):
         encode_image(Image.new("RGB", (2, 2)), "gif")
+
+
+_FAILING_WRITE = """
+import os, resource, sys
+from PIL import Image
+from gramstyle.images import save_image
+# The file size limit makes write() fail part-way (EFBIG; Python ignores SIGXFSZ), as a
+# full disk would: the temporary file gets its first 4 KiB, then the write raises.
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+noise = Image.frombytes("RGB", (128, 128), os.urandom(128 * 128 * 3))  # ~49 KB as PNG
+try:
+    save_image(noise, sys.argv[1])
+except OSError as exc:
+    print("failed", exc.errno)
+else:
+    print("written")
+"""
+
+
+def test_failed_write_leaves_the_old_file_intact(tmp_path):
+    import errno
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.png"
+    save_image(Image.new("RGB", (8, 8), "blue"), target)
+    before = target.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", _FAILING_WRITE, str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["failed", str(errno.EFBIG)]
+    assert target.read_bytes() == before  # the old image, whole
+    assert np.asarray(Image.open(target)).tolist() == np.asarray(
+        Image.new("RGB", (8, 8), "blue")).tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary left

@@ -4,16 +4,26 @@ The fused op is checked against the einsum reference evaluated in float64, so ev
 tolerance below is the fused op's own error. Tolerances (relative to the largest entry):
 float32 1e-5 (loss 1e-5 relative), bfloat16 features 1e-2 for G and dF (their outputs are
 bf16, ~3 significant digits) and 1e-3 for the loss (G is accumulated and kept in float32).
-CUDA cases run only where a GPU and the CUDA kernels are present.
+
+Every device-dependent test runs on the CPU and, where a GPU and the CUDA kernels are
+present, on CUDA (the "cuda" parameter). One list of op inputs (SAMPLES, built by
+sample_inputs) feeds the value, gradient, backward-op, gradcheck and opcheck tests; it
+includes C = 512 and 640, where the CUDA path splits G into panels and the epilogues read
+half of G transposed, and gradients flow in with non-unit upstream values (3 * loss, a
+non-symmetric [B,C,C] gradient for gram).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -58,6 +68,123 @@ def fused_loss_and_grad(features: torch.Tensor, target: torch.Tensor, scale: flo
     loss = K.style_loss(f, target, scale)
     (grad,) = torch.autograd.grad(loss, f)
     return loss.detach(), grad
+
+
+# ------------------------------------------------------------------------------------------
+# Sample inputs: one list of op inputs feeds the value, gradient, gradcheck and opcheck tests
+# (the pytorch/extension-cpp pattern), so they cannot drift apart.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One input case of the op, built on any device by :func:`sample_inputs`.
+
+    ``shape``: the features, [B,C,N] or [B,C,H,W]; ``target``: "cc" ([C,C], broadcast),
+    "bcc" ([B,C,C]) or "1cc" ([1,C,C], broadcast); ``block``: the panel width (0: the
+    device's default, see panel_width in csrc/gram.cpp); ``scale``: None for 1/(C N).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    target: str
+    block: int = 0
+    scale: float | None = None
+    channels_last: bool = False
+    #: C >= 512: the widths at which the CUDA path splits G into panels (two of C/2 by
+    #: default), and the CPU path into four.
+    large: bool = False
+
+
+SAMPLES = [
+    SampleSpec("1x3x5-one-gemm", (1, 3, 5), "cc", block=16, scale=0.5),
+    SampleSpec("2x4x3x3-4d", (2, 4, 3, 3), "bcc"),
+    SampleSpec("1x70x9", (1, 70, 9), "cc"),
+    SampleSpec("2x33x17-ragged-panels", (2, 33, 17), "1cc", block=8),
+    SampleSpec("2x24x6x5-channels-last", (2, 24, 6, 5), "cc", channels_last=True),
+    # Several panels on every device: CUDA two of 256 / 320, CPU four of 128 / 160, and
+    # seven ragged ones (6 x 100 + 40) forced. N >= C, so G has full rank.
+    SampleSpec("1x512x1024", (1, 512, 1024), "cc", large=True),
+    SampleSpec("2x640x30x30-channels-last", (2, 640, 30, 30), "bcc", channels_last=True,
+               large=True),
+    SampleSpec("1x640x700-block100", (1, 640, 700), "1cc", block=100, large=True),
+]
+LARGE_SAMPLES = [spec for spec in SAMPLES if spec.large]
+
+
+@dataclass
+class SampleInput:
+    """Tensors of one :class:`SampleSpec` on one device (target in the accumulation dtype)."""
+
+    name: str
+    features: torch.Tensor
+    target: torch.Tensor
+    scale: float
+    block: int
+
+    @property
+    def b(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def c(self) -> int:
+        return self.features.shape[1]
+
+
+def _make_sample(spec: SampleSpec, device: str, dtype: torch.dtype,
+                 requires_grad: bool) -> SampleInput:
+    gen = torch.Generator().manual_seed(zlib.crc32(spec.name.encode()))
+    b, c = spec.shape[:2]
+    n = math.prod(spec.shape[2:])
+    scale = spec.scale if spec.scale is not None else 1.0 / (c * n)
+    features = torch.randn(spec.shape, generator=gen, dtype=torch.float64)
+    # The target: another Gram plus non-symmetric noise the size of G's off-diagonal entries
+    # (s sqrt(N)), so that R = G - A depends on every entry of both: an entry of G read from
+    # the wrong panel, or a symmetrised A, changes the loss and the gradient.
+    other = torch.randn(b, c, n, generator=gen, dtype=torch.float64)
+    target = reference.gram(other, scale) + torch.randn(
+        b, c, c, generator=gen, dtype=torch.float64) * scale * math.sqrt(n)
+    target = {"cc": target[0], "bcc": target, "1cc": target[:1]}[spec.target]
+    features = features.to(device=device, dtype=dtype)
+    if spec.channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    # bf16/fp16 features take a float32 target (the op's accumulation dtype).
+    target = target.to(device=device, dtype=torch.float64 if dtype == torch.float64
+                       else torch.float32)
+    return SampleInput(spec.name, features.requires_grad_(requires_grad),
+                       target.requires_grad_(requires_grad), scale, spec.block)
+
+
+def sample_inputs(device: str, *, dtype: torch.dtype = torch.float32,
+                  requires_grad: bool = False, specs: list[SampleSpec] = SAMPLES
+                  ) -> Iterator[SampleInput]:
+    """The op inputs of ``specs`` on ``device``; each test takes the same cases from here."""
+    for spec in specs:
+        yield _make_sample(spec, device, dtype, requires_grad)
+
+
+def sample_input(spec: SampleSpec, device: str, **kwargs) -> SampleInput:
+    """The one case ``spec`` of :func:`sample_inputs`."""
+    return next(sample_inputs(device, specs=[spec], **kwargs))
+
+
+def as_3d(x: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] or [B,C,N] as [B,C,N] in float64 on the CPU."""
+    return x.detach().double().cpu().flatten(2)
+
+
+def non_symmetric(b: int, c: int, seed: int) -> torch.Tensor:
+    """A [B,C,C] float64 upstream gradient / residual, far from symmetric."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, c, generator=gen, dtype=torch.float64) + torch.triu(
+        torch.ones(c, c, dtype=torch.float64))
+
+
+SAMPLE_IDS = {"ids": lambda spec: spec.name}
+#: SAMPLES for the costlier checks (opcheck, gradcheck): the large cases are marked slow,
+#: which `-m "not slow"` skips (a few seconds each on a 2-core CPU; CI runs them).
+SAMPLES_SLOW_LARGE = [pytest.param(spec, id=spec.name, marks=[pytest.mark.slow] * spec.large)
+                      for spec in SAMPLES]
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,11 +256,13 @@ def test_agrees_with_einsum(c: int, n: int, b: int, device: str) -> None:
 
 
 @needs_fused
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block", [1, 16, 33, 50, 64, 100, 1000])
-def test_every_panel_width_agrees(block: int) -> None:
+def test_every_panel_width_agrees(block: int, device: str) -> None:
     """Full GEMM, even, ragged and one-column panels all give the same G, loss and dF."""
-    features = torch.randn(2, 100, 300)
-    target = torch.randn(2, 100, 100) / 300
+    gen = torch.Generator().manual_seed(block)
+    features = torch.randn(2, 100, 300, generator=gen).to(device)
+    target = (torch.randn(2, 100, 100, generator=gen) / 300).to(device)
     ref_loss, ref_grad, ref_gram = ref64(features, target, 0.01)
     assert rel_err(ops.gram(features, 0.01, block), ref_gram) < 1e-5
     f = features.clone().requires_grad_()
@@ -272,11 +401,12 @@ def test_autocast(path: str, device: str) -> None:
 
 
 @needs_fused
-def test_target_gradient() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_target_gradient(device: str) -> None:
     """A target that requires grad gets dA = -2 R / (B C C), summed where broadcast."""
-    features = torch.randn(3, 10, 20, dtype=torch.float64)
+    features = torch.randn(3, 10, 20, dtype=torch.float64, device=device)
     for shape in [(10, 10), (3, 10, 10), (1, 10, 10)]:
-        target = torch.randn(*shape, dtype=torch.float64)
+        target = torch.randn(*shape, dtype=torch.float64, device=device)
         a1 = target.clone().requires_grad_()
         a2 = target.clone().requires_grad_()
         K.style_loss(features, a1).backward()
@@ -293,39 +423,159 @@ def test_target_dtype_is_promoted_by_the_public_call() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# torch.library checks
+# Every sample: torch.library's opcheck, values, gradients (non-unit upstream), the backward
+# ops on their own, float64 gradcheck; bf16 with several panels
 # ------------------------------------------------------------------------------------------
-
-OPCHECK_SHAPES = [(1, 3, 5), (2, 4, 3, 3), (1, 70, 9), (2, 33, 17)]
 
 
 @needs_fused
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_opcheck(shape: tuple, requires_grad: bool, device: str) -> None:
-    b, c = shape[0], shape[1]
-    features = torch.randn(*shape, device=device, requires_grad=requires_grad)
-    target = torch.randn(b, c, c, device=device, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.gramstyle.gram.default, (features, 0.5, 16))
-    torch.library.opcheck(torch.ops.gramstyle.style_loss.default, (features, target[0], 0.5, 0))
-    torch.library.opcheck(torch.ops.gramstyle.style_loss.default, (features, target, 0.5, 32))
+@pytest.mark.parametrize("spec", SAMPLES_SLOW_LARGE)
+def test_opcheck(spec: SampleSpec, requires_grad: bool, device: str) -> None:
+    s = sample_input(spec, device, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.gramstyle.gram.default, (s.features, s.scale, s.block))
+    torch.library.opcheck(torch.ops.gramstyle.style_loss.default,
+                          (s.features, s.target, s.scale, s.block))
     if not requires_grad:
-        residual = torch.randn(b, c, c, device=device)
+        residual = non_symmetric(s.b, s.c, 1).float().to(device)
         torch.library.opcheck(
             torch.ops.gramstyle.style_loss_backward.default,
-            (torch.tensor(1.5, device=device), residual, features, 0.5),
+            (torch.tensor(1.5, device=device), residual, s.features, s.scale),
         )
-        torch.library.opcheck(torch.ops.gramstyle.gram_backward.default, (residual, features, 0.5))
+        torch.library.opcheck(torch.ops.gramstyle.gram_backward.default,
+                              (residual, s.features, s.scale))
 
 
 @needs_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SAMPLES, **SAMPLE_IDS)
+def test_sample_values(spec: SampleSpec, device: str) -> None:
+    """G, R = G - A and the loss of every sample, against float64 einsum on the same inputs."""
+    s = sample_input(spec, device)
+    loss, residual = torch.ops.gramstyle.style_loss(s.features, s.target, s.scale, s.block)
+    gram = ops.gram(s.features, s.scale, s.block)
+    ref_gram = reference.gram(as_3d(s.features), s.scale)
+    ref_residual = ref_gram - s.target.detach().double().cpu()
+    assert gram.shape == residual.shape == (s.b, s.c, s.c)
+    assert rel_err(gram, ref_gram) < 1e-5
+    assert rel_err(residual, ref_residual) < 1e-5
+    assert rel_err(loss, ref_residual.pow(2).mean()) < 1e-5
+    # the public call (default panels) agrees as well
+    assert rel_err(K.style_loss(s.features, s.target, s.scale), ref_residual.pow(2).mean()) < 1e-5
+
+
+@needs_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SAMPLES, **SAMPLE_IDS)
+def test_sample_gradients(spec: SampleSpec, device: str) -> None:
+    """dF and dA of 3 * loss, and dF of gram under a non-symmetric [B,C,C] upstream gradient:
+    a backward that ignored the incoming gradient (or assumed it symmetric) is off by O(1)."""
+    s = sample_input(spec, device, requires_grad=True)
+    (3 * ops.style_loss(s.features, s.target, s.scale, s.block)).backward()
+    upstream = non_symmetric(s.b, s.c, 2)
+    f = s.features.detach().clone().requires_grad_()
+    ops.gram(f, s.scale, s.block).backward(upstream.to(device=device, dtype=f.dtype))
+
+    f64 = s.features.detach().double().cpu().requires_grad_()
+    a64 = s.target.detach().double().cpu().requires_grad_()
+    (3 * reference.style_loss(f64, a64, s.scale)).backward()
+    g64 = f64.detach().clone().requires_grad_()
+    reference.gram(g64, s.scale).backward(upstream)
+    assert s.features.grad.shape == f.grad.shape == s.features.shape
+    assert s.target.grad.shape == s.target.shape
+    assert rel_err(s.features.grad, f64.grad) < 1e-5
+    assert rel_err(s.target.grad, a64.grad) < 1e-5
+    assert rel_err(f.grad, g64.grad) < 1e-5
+
+
+@needs_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SAMPLES, **SAMPLE_IDS)
+def test_sample_backward_ops(spec: SampleSpec, device: str) -> None:
+    """The backward ops on their own, against their formulas in float64:
+    gram_backward(dG, F, s) = s (dG + dG^T) F and
+    style_loss_backward(g, R, F, s) = g * 2 s / (B C C) * (R + R^T) F."""
+    s = sample_input(spec, device)
+    d_gram, residual = non_symmetric(s.b, s.c, 3), non_symmetric(s.b, s.c, 4)
+    f64 = as_3d(s.features)
+    grad = torch.ops.gramstyle.gram_backward(
+        d_gram.to(device=device, dtype=s.features.dtype), s.features, s.scale)
+    expected = s.scale * (d_gram + d_gram.transpose(1, 2)) @ f64
+    assert grad.shape == s.features.shape and grad.device.type == device
+    assert rel_err(as_3d(grad), expected) < 1e-5
+    grad_loss = torch.tensor(1.5, device=device)
+    grad = torch.ops.gramstyle.style_loss_backward(
+        grad_loss, residual.float().to(device), s.features, s.scale)
+    expected = 1.5 * 2 * s.scale / (s.b * s.c * s.c) * (
+        residual.float().double() + residual.float().double().transpose(1, 2)) @ f64
+    assert grad.shape == s.features.shape
+    assert rel_err(as_3d(grad), expected) < 1e-5
+
+
+@needs_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SAMPLES_SLOW_LARGE)
+def test_sample_gradcheck_float64(spec: SampleSpec, device: str) -> None:
+    """Finite differences in float64 (fast mode: random directions, so a random non-symmetric
+    upstream gradient for gram) for every sample."""
+    s = sample_input(spec, device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda f, a: ops.style_loss(f, a, s.scale, s.block), (s.features, s.target),
+        fast_mode=True)
+    assert torch.autograd.gradcheck(lambda f: ops.gram(f, s.scale, s.block), (s.features,),
+                                    fast_mode=True)
+
+
+@needs_fused
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", LARGE_SAMPLES, **SAMPLE_IDS)
+def test_bfloat16_multi_panel(spec: SampleSpec, device: str) -> None:
+    """bf16 features with C >= 512: the multi-panel reduced-precision GEMM (MKL bf16 -> fp32
+    on the CPU from C = 256, cuBLAS bf16 -> fp32 on CUDA from C = 512) and the epilogue's
+    transposed reads, against float64 on the same bf16 values, under 3 * loss and a
+    non-symmetric upstream gradient for gram.
+
+    Tolerances, relative to the largest entry: bf16 keeps 8 significant bits, so rounding a
+    value to bf16 errs by up to u = 2^-8 = 3.9e-3 of it. G and dF are returned in bf16 (one
+    rounding each), and the backward rounds M = alpha (R + R^T) to bf16 before its GEMM
+    (errors of at most u per term, of random sign, that do not grow with C); the GEMMs
+    accumulate in fp32 (~1e-7). So G and dF are within ~2u: 1e-2 (2.5u). The loss comes
+    from the fp32 G and R, never rounded to bf16: 1e-4. A wrong panel or a dropped factor
+    errs by O(1).
+    """
+    s = sample_input(spec, device, dtype=torch.bfloat16, requires_grad=True)
+    loss = ops.style_loss(s.features, s.target, s.scale, s.block)
+    (3 * loss).backward()
+    upstream = non_symmetric(s.b, s.c, 5)
+    f = s.features.detach().clone().requires_grad_()
+    gram = ops.gram(f, s.scale, s.block)
+    gram.backward(upstream.to(device=device, dtype=torch.bfloat16))
+
+    f64 = s.features.detach().double().cpu().requires_grad_()
+    a64 = s.target.detach().double().cpu()
+    ref_loss = reference.style_loss(f64, a64, s.scale)
+    (3 * ref_loss).backward()
+    g64 = f64.detach().clone().requires_grad_()
+    ref_gram = reference.gram(g64, s.scale)
+    # the bf16 upstream gradient, exactly as the op received it
+    ref_gram.backward(upstream.bfloat16().double())
+    assert loss.dtype == torch.float32 and gram.dtype == s.features.grad.dtype == torch.bfloat16
+    assert rel_err(loss, ref_loss) < 1e-4
+    assert rel_err(gram, ref_gram) < 1e-2
+    assert rel_err(s.features.grad, f64.grad) < 1e-2
+    assert rel_err(f.grad, g64.grad) < 1e-2
+
+
+@needs_fused
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block", [0, 8, 20])  # default, ragged panels (8, 8, 4), full GEMM
-def test_gradcheck_float64(block: int) -> None:
+def test_gradcheck_float64(block: int, device: str) -> None:
     gen = torch.Generator().manual_seed(block)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(
+            device).requires_grad_()
 
     features, target, batched = rand(2, 20, 6), rand(20, 20), rand(2, 20, 20)
     assert torch.autograd.gradcheck(
@@ -503,6 +753,7 @@ def _expected_child_values() -> tuple[float, float]:
     return loss.item(), f.grad.abs().sum().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["env-einsum", "broken-build", "default"])
 def test_backend_selection_in_subprocess(mode: str) -> None:
     if mode == "env-einsum":
@@ -590,6 +841,7 @@ _SETUP_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no-torch", "cpu", "force-cuda-0"])
 def test_setup_kernel_extensions(case: str) -> None:
     setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")

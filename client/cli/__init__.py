@@ -4,6 +4,7 @@
     gramstyle info
     gramstyle losses candidate.png --content cat.png --style starry.jpg
     gramstyle serve --arch vgg16 --weights vgg16.pth --port 50051
+    gramstyle health --server localhost:50051           (exit 0 when SERVING)
     gramstyle stylize ... --server localhost:50051      (stylize/info/losses on a server)
 
 Exit codes: 0 success, 2 a caller's mistake (bad option, bad image, bad weights file; for a
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from gramstyle import __version__
-from gramstyle.client.cli import info, losses, serve, stylize
+from gramstyle.client.cli import health, info, losses, serve, stylize
 from gramstyle.client.cli.flags import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gramstyle", description="Gatys-style neural style transfer (engine, service, CLI)")
     parser.add_argument("--version", action="version", version=f"gramstyle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (stylize, losses, serve, info):
+    for command in (stylize, losses, serve, info, health):
         command.add_parser(sub)
     return parser
 
@@ -58,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except ServiceError as exc:
         # The server's message already names the request field; keep it verbatim.
-        print(f"gramstyle: error: server answered {exc.code.name}: {exc.message}",
+        tries = f" (after {exc.attempts} attempts)" if exc.attempts > 1 else ""
+        print(f"gramstyle: error: server answered {exc.code.name}: {exc.message}{tries}",
               file=sys.stderr)
         return EXIT_USAGE if exc.caller_mistake else EXIT_FAILURE
     except (ValueError, ImageError) as exc:

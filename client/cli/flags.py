@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import sys
 from typing import Any
 
 from gramstyle.images import load_image
@@ -152,35 +154,96 @@ def model_option(args: argparse.Namespace, name: str) -> str:
     return getattr(args, name, None) or MODEL_DEFAULTS[name]
 
 
+#: The environment variable the CLI reads the bearer token from when --token is not given.
+TOKEN_ENV = "GRAMSTYLE_TOKEN"
+
+#: The flags that only mean something with --server (dest: flag).
+_REMOTE_ONLY = {"timeout": "--timeout", "retries": "--retries", "tls": "--tls",
+                "tls_ca": "--tls-ca", "tls_cert": "--tls-cert", "tls_key": "--tls-key",
+                "tls_server_name": "--tls-server-name", "token": "--token"}
+
+
 def add_remote_flags(parser: argparse.ArgumentParser) -> None:
-    """--server and --timeout: run the command on a gramstyle server instead of in-process."""
+    """--server, --timeout, --retries, the TLS flags and --token: run the command on a
+    gramstyle server instead of in-process."""
     group = parser.add_argument_group("remote")
     group.add_argument("--server", metavar="HOST:PORT",
                        help="run on this gramstyle server (several: comma-separated, balanced "
                             "round_robin; or a gRPC target such as dns:///host:port)")
     group.add_argument("--timeout", type=finite_float, metavar="SECONDS",
-                       help="deadline of the call with --server (default: none)")
+                       help="deadline of the call with --server, all retries included "
+                            "(default: none)")
+    group.add_argument("--retries", type=int, metavar="N",
+                       help="repeat a call that fails with UNAVAILABLE (a replica died or "
+                            "drained) up to N times, from the start (default 2; 0: never)")
+    tls = parser.add_argument_group("TLS and authentication (with --server)")
+    tls.add_argument("--tls", action="store_true", default=None,
+                     help="connect with TLS, trusting the system's root certificates")
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="trust this CA certificate (PEM) instead; implies --tls")
+    tls.add_argument("--tls-cert", metavar="FILE",
+                     help="client certificate (PEM) for mutual TLS; needs --tls-key")
+    tls.add_argument("--tls-key", metavar="FILE",
+                     help="the client certificate's private key (PEM)")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="check the server certificate against NAME instead of the host "
+                          "in --server")
+    tls.add_argument("--token", metavar="TOKEN",
+                     help=f"bearer token sent with every call; prefer the {TOKEN_ENV} "
+                          "environment variable, which stays out of shell history and ps "
+                          "(the flag beats the variable)")
 
 
 def connect(args: argparse.Namespace):
-    """A Client for --server (use it in a ``with``); --pooling/--device are refused there."""
+    """A Client for --server (use it in a ``with``); --pooling/--device are refused there.
+
+    The token is --token, else $GRAMSTYLE_TOKEN (an empty variable counts as unset).
+    Errors name the flag: ``--tls-ca: cannot read 'ca.pem': No such file or directory``.
+    """
+    import warnings
+
     from gramstyle.client.client import Client
 
     for name in ("pooling", "device"):
         if getattr(args, name, None) is not None:
             raise CLIError(f"--{name}: is chosen when the server starts (gramstyle serve "
                            f"--{name}); it cannot be set with --server")
-    try:
-        return Client(args.server, timeout=args.timeout)
-    except ValueError as exc:
-        raise CLIError(f"--server: {exc}".replace("--server: server: ", "--server: ")) from None
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    retries = 2 if args.retries is None else args.retries
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            client = Client(args.server, timeout=args.timeout, retries=retries,
+                            tls=bool(args.tls), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                            token=token)
+        except ValueError as exc:
+            raise CLIError(_remote_message(str(exc), args)) from None
+    for warning in caught:
+        print(f"gramstyle: warning: {_remote_message(str(warning.message), args)}",
+              file=sys.stderr)
+    return client
+
+
+def _remote_message(message: str, args: argparse.Namespace) -> str:
+    """A client message "tls_ca: ..." with the flag (or the variable) it came from."""
+    if message.startswith("token:") and args.token is None:
+        return TOKEN_ENV + message[len("token"):]
+    return flag_message(message)
+
+
+def refuse_remote_flags(args: argparse.Namespace) -> None:
+    """Without --server, the flags of a remote call are a mistake, not something to ignore."""
+    for name, flag in _REMOTE_ONLY.items():
+        if getattr(args, name, None) is not None:
+            what = ("is the deadline of a call to --server" if name == "timeout"
+                    else "applies to a call to --server")
+            raise CLIError(f"{flag}: {what}; it does not apply in-process")
 
 
 def load_engine(args: argparse.Namespace):
     """The in-process engine; the torch-based server extra is imported only here."""
-    if getattr(args, "timeout", None) is not None:
-        raise CLIError("--timeout: is the deadline of a call to --server; it does not apply "
-                       "in-process")
+    refuse_remote_flags(args)
     try:
         from gramstyle.server.engine import StyleTransfer
     except ImportError as exc:

@@ -6,7 +6,7 @@ import argparse
 import platform
 
 from gramstyle import __version__
-from gramstyle.client.cli.flags import EXIT_OK, add_remote_flags, connect
+from gramstyle.client.cli.flags import EXIT_OK, add_remote_flags, connect, refuse_remote_flags
 
 
 def add_parser(sub) -> None:
@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
         with connect(args) as client:
             print(format_server_info(client.server_info(), client.target))
         return EXIT_OK
+    refuse_remote_flags(args)
     print(f"gramstyle {__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
     try:
@@ -40,4 +41,9 @@ def run(args: argparse.Namespace) -> int:
     problem = kernels.load_error()
     if problem:
         print(f"          the compiled op did not load: {problem}")
+    from gramstyle.server import precision
+
+    where = torch.device("cuda" if cuda else "cpu")
+    print(f"precision auto = {precision.resolve_precision('auto', where)} on {where.type} "
+          f"({precision.describe(where)})")
     return EXIT_OK

@@ -72,7 +72,22 @@ def run(args: argparse.Namespace) -> int:
     frames: list = []
     want_preview = bool(args.save_every or args.progress_sheet)
 
+    attempt = 1
+
+    # The last preview: a run that converged early ends before `iterations`, and its final
+    # image belongs on the sheet too.
+    latest: list = []
+
     def on_progress(p) -> None:
+        nonlocal attempt
+        if p.attempt != attempt:  # the server failed mid-run; the client started it again
+            attempt = p.attempt
+            frames.clear()
+            bar.reset()
+            bar.set_description(f"stylize (attempt {attempt})")
+            if not args.quiet:
+                tqdm.write(f"gramstyle: the server failed mid-run (UNAVAILABLE); starting "
+                           f"again from iteration 0, attempt {attempt}", file=sys.stderr)
         bar.update(p.iteration - bar.n)
         bar.set_postfix(total=f"{p.losses.total:.4g}", content=f"{p.losses.content:.3g}",
                         style=f"{p.losses.style:.3g}", refresh=False)
@@ -83,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             save_image(p.image, frame_path(output, p.iteration), "--save-every")
         if p.iteration % every == 0 or p.iteration == p.iterations:
             frames.append((p.iteration, p.image))
+        latest[:] = [(p.iteration, p.image)]
 
     with tqdm(total=total, unit="it", desc="stylize", disable=args.quiet) as bar:
         if args.server:
@@ -106,10 +122,14 @@ def run(args: argparse.Namespace) -> int:
         from gramstyle.client.progress_sheet import save_progress_sheet
 
         label, source = ("content", args.content[0]) if args.content else ("style", args.style[0])
+        if latest and (not frames or frames[-1][0] != latest[0][0]):
+            frames.append(latest[0])
         save_progress_sheet(frames, args.progress_sheet, (label, load_image(source, label)))
     losses = result.losses
+    ended = " (converged)" if result.stop_reason == "converged" else ""
+    precision = f", {result.precision}" if result.precision else ""
     print(f"wrote {output} ({result.image.width}x{result.image.height}) after "
-          f"{result.iterations} iterations in {result.elapsed_s:.1f} s; total {losses.total:.4g} "
-          f"(content {losses.content:.4g}, style {losses.style:.4g}, tv {losses.tv:.4g}); "
-          f"kernel {result.backend} on {result.device}")
+          f"{result.iterations} iterations{ended} in {result.elapsed_s:.1f} s; total "
+          f"{losses.total:.4g} (content {losses.content:.4g}, style {losses.style:.4g}, tv "
+          f"{losses.tv:.4g}); kernel {result.backend} on {result.device}{precision}")
     return EXIT_OK

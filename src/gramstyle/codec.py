@@ -268,19 +268,36 @@ def _scalar(f: Any) -> bool:
     return f.message_type is None and not repeated
 
 
+def _enum_class(f: Any) -> Any:
+    """The generated enum wrapper of an enum field (``pb.Precision`` for ``precision``)."""
+    return getattr(pb, f.enum_type.name)
+
+
 def _copy_fields(source: Any, message: Any) -> Any:
-    """Set each scalar message field from the attribute of the same name."""
+    """Set each scalar message field from the attribute of the same name; an enum field
+    takes its value's name ('bf16' -> PRECISION_BF16, '' -> UNSPECIFIED)."""
     for f in message.DESCRIPTOR.fields:
         if _scalar(f) and hasattr(source, f.name):
-            setattr(message, f.name, getattr(source, f.name))
+            value = getattr(source, f.name)
+            if f.enum_type is not None and isinstance(value, str):
+                value = enum_number(_enum_class(f), f.name, value) if value else 0
+            setattr(message, f.name, value)
     return message
 
 
 def _field_values(message: Any, cls: type) -> dict[str, Any]:
-    """The scalar message fields that are also fields of dataclass ``cls``."""
+    """The scalar message fields that are also fields of dataclass ``cls``; an enum field
+    gives its value's name ('bf16'; '' for UNSPECIFIED)."""
     names = {f.name for f in fields(cls)}
-    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields
-            if f.name in names and _scalar(f)}
+    values = {}
+    for f in message.DESCRIPTOR.fields:
+        if f.name in names and _scalar(f):
+            value = getattr(message, f.name)
+            if f.enum_type is not None:
+                enum = _enum_class(f)
+                value = enum_value(enum, f.name, value, "") if value in enum.values() else ""
+            values[f.name] = value
+    return values
 
 
 def losses_message(losses: Losses) -> pb.Losses:

@@ -39,6 +39,14 @@ MAX_SCALES = 8
 #: Smallest long side of the coarsest scale.
 MIN_SCALE_SIZE = 32
 
+#: Early stop (the ``tolerance`` option): every CONVERGENCE_CHECK_EVERY iterations of a scale,
+#: the run compares the best total loss so far with the best one CONVERGENCE_WINDOW iterations
+#: earlier and stops the scale when the relative improvement is below ``tolerance``. The
+#: default was chosen with bench/time_to_quality.py (docs/benchmarks.md).
+CONVERGENCE_WINDOW = 20
+CONVERGENCE_CHECK_EVERY = 5
+DEFAULT_TOLERANCE = 1e-3
+
 #: Option kinds: how a value is checked, sent over the wire and given on the command line.
 #: int, float, bool: a scalar; choice: one of the names of a proto enum (``enum``);
 #: layers: layer names; layer_weights: one weight per layer of ``of``; blend_weights: one
@@ -102,12 +110,29 @@ def option(default: Any, kind: str, help: str, **spec: Any) -> Any:
 
 # ---------------------------------------------------------------------------- value checks
 
+#: Longest echo of a caller's value in an error message (see :func:`preview`).
+PREVIEW_CHARS = 80
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters plus "… (N chars)" when longer.
+
+    Every error message that echoes a caller's value goes through this, so a 17,000-character
+    layer name cannot blow a status message past gRPC's metadata limit.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:limit]}… ({length} chars)"
+
+
 def check_weight(name: str, value: Any) -> float:
     """A loss or blend weight: finite and >= 0."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+        raise ValueError(f"{name}: must be a number, got {preview(value)}") from None
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
     return value
@@ -123,10 +148,11 @@ def check_weights(name: str, values: Sequence[float] | None, count: int) -> tupl
     values = tuple(values)
     if len(values) != count:
         raise ValueError(f"{name}: expected {count} value(s), one per item, got {len(values)}: "
-                         f"{list(values)}")
+                         f"{preview(list(values))}")
     checked = tuple(check_weight(f"{name}[{i}]", v) for i, v in enumerate(values))
     if count and sum(checked) == 0:
-        raise ValueError(f"{name}: at least one weight must be > 0, got {list(checked)}")
+        raise ValueError(f"{name}: at least one weight must be > 0, got "
+                         f"{preview(list(checked))}")
     return checked
 
 
@@ -135,13 +161,13 @@ def layer_names(name: str, value: str | Sequence[str | int]) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     if value is None or not isinstance(value, Sequence):
-        raise ValueError(f"{name}: expected a list of layer names, got {value!r}")
+        raise ValueError(f"{name}: expected a list of layer names, got {preview(value)}")
     return tuple(str(v).strip() for v in value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {preview(value)}")
     return value
 
 
@@ -171,7 +197,8 @@ def check_value(name: str, spec: OptionSpec, value: Any, limits: dict[str, float
         if not _is_int(value) or (spec.low is not None and value < spec.low) or (
                 high is not None and value > high):
             if high is None:
-                raise ValueError(f"{name}: must be an integer >= {spec.low:g}, got {value!r}")
+                raise ValueError(f"{name}: must be an integer >= {spec.low:g}, got "
+                                 f"{preview(value)}")
             text = spec.range_error or "must be an integer between {low} and {high}{unit}, " \
                                        "got {value}"
             unit = f" {spec.unit}" if spec.unit else ""
@@ -185,7 +212,7 @@ def check_value(name: str, spec: OptionSpec, value: Any, limits: dict[str, float
         return value
     if spec.kind == "bool":
         if not isinstance(value, bool):
-            raise ValueError(f"{name}: must be true or false, got {value!r}")
+            raise ValueError(f"{name}: must be true or false, got {preview(value)}")
         return value
     if spec.kind == "choice":
         return check_choice(name, value, spec.choices)
@@ -240,6 +267,11 @@ class StyleOptions:
     iterations: int = option(
         300, "int", "optimiser steps (per scale)", low=1, high="max_iterations",
         range_error="must be between {low} and {high}, got {value}")
+    tolerance: float = option(
+        DEFAULT_TOLERANCE, "float", "stop a scale early when the best total loss so far improved "
+        f"by less than this fraction over the last {CONVERGENCE_WINDOW} iterations (checked "
+        f"every {CONVERGENCE_CHECK_EVERY}); 0 = always run all iterations, which stay the cap",
+        low=0, metavar="REL")
     learning_rate: float | None = option(
         None, "float", "step size (default: 1.0 for lbfgs, 0.02 for adam, in [0,1] pixels)",
         low=0, low_exclusive=True, optional=True, flag="--lr")
@@ -258,8 +290,10 @@ class StyleOptions:
     preserve_colors: bool = option(
         False, "bool", "keep the content image's colours: transfer luminance only (YIQ)")
     precision: str = option(
-        "fp32", "choice", "fp32, or bf16 autocast for the network (losses and pixels stay "
-        "fp32)", scope="losses", enum=pb.Precision)
+        "auto", "choice", "auto: bf16 where the hardware runs it natively (CUDA with bf16, x86 "
+        "CPUs with AVX512-BF16 or AMX), else fp32; fp32; or bf16 autocast for the network "
+        "(losses and pixels stay fp32). Results report the precision used",
+        scope="losses", enum=pb.Precision)
     progress_every: int = option(
         10, "int", "report progress after 0, N, 2N, ... iterations and after the last one",
         low=1)
@@ -320,8 +354,9 @@ def markdown_table() -> str:
 
 
 __all__ = [
-    "ARCHS", "DEFAULT_CONTENT_LAYERS", "DEFAULT_STYLE_LAYERS", "DEVICES", "MAX_ITERATIONS",
+    "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_CONTENT_LAYERS",
+    "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEVICES", "MAX_ITERATIONS",
     "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS", "OptionSpec", "StyleOptions",
     "check_choice", "check_weight", "check_weights", "enum_choices", "flag_of",
-    "layer_names", "markdown_table", "scale_sizes",
+    "layer_names", "markdown_table", "preview", "scale_sizes",
 ]

@@ -34,13 +34,27 @@ class Progress:
     """The state after ``iteration`` of ``iterations`` optimiser steps (0: the start image).
 
     ``losses`` are those of that image; ``image`` is the image itself (RGB), only when the
-    caller asked for previews. ``elapsed_s`` counts seconds since the run started."""
+    caller asked for previews. ``elapsed_s`` counts seconds since the run started.
+
+    ``attempt`` is 1, except from the remote client after it restarted the call from the
+    beginning because its server failed mid-run (UNAVAILABLE; see the client's ``retries``):
+    then it is 2, 3, ... and ``iteration`` starts again at 0, so a progress bar should reset
+    when ``attempt`` changes. The in-process engine always reports 1."""
 
     iteration: int
     iterations: int
     losses: Losses
     elapsed_s: float
     image: Image.Image | None = field(default=None, repr=False)
+    attempt: int = 1
+    #: The precision the network runs in: 'fp32' or 'bf16' (what precision 'auto' chose);
+    #: '' from a server that does not report it.
+    precision: str = ""
+
+    @property
+    def restarted(self) -> bool:
+        """True for the messages of a repeated attempt (``attempt > 1``)."""
+        return self.attempt > 1
 
 
 @dataclass
@@ -52,6 +66,7 @@ class StylizeResult:
     without re-encoding when the suffix asks for the same format."""
 
     image: Image.Image = field(repr=False)
+    #: Optimiser steps actually run, over all scales.
     iterations: int
     #: Losses of the returned image (before colour preservation).
     losses: Losses
@@ -64,6 +79,12 @@ class StylizeResult:
     weights: str = ""
     data: bytes | None = field(default=None, repr=False)
     format: str = "png"
+    #: The precision the network ran in: 'fp32' or 'bf16' (what precision 'auto' chose).
+    precision: str = ""
+    #: Why the run ended: 'converged' (the loss stopped improving, see the ``tolerance``
+    #: option; ``iterations`` is then below the cap) or 'cap' (it ran every iteration).
+    #: '' from a server that does not report it.
+    stop_reason: str = ""
 
     @property
     def width(self) -> int:
@@ -97,6 +118,8 @@ class LossReport:
     elapsed_s: float
     gradient_shape: tuple[int, ...] | None = None
     gradient_bytes: bytes | None = field(default=None, repr=False)
+    #: The precision the network ran in: 'fp32' or 'bf16'.
+    precision: str = ""
 
     @property
     def gradient(self):
@@ -139,6 +162,9 @@ class ServerInfo:
     limits: dict[str, int]
     busy_workers: int
     queued: int
+    #: The precision the default 'auto' runs in on the default model's device ('fp32' or
+    #: 'bf16'); '' from a server that does not report it.
+    precision: str = ""
 
 
 __all__ = ["LossReport", "Losses", "ModelInfo", "Progress", "ServerInfo",

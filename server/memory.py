@@ -1,0 +1,311 @@
+"""Peak-memory estimates of one request, from image headers and options alone.
+
+The server sizes every Stylize and ComputeLosses *before* decoding anything
+(:func:`gramstyle.images.probe_image` reads the headers), refuses a request whose estimate is
+over ``--max-request-memory`` (INVALID_ARGUMENT, naming what to lower), and admits jobs so
+that the running ones' estimates never add up to more than ``--memory-budget``
+(:class:`gramstyle.server.admission.WorkQueue`).
+
+The model, in bytes, for images of P pixels (RGB float32 tensors are 12 bytes per pixel; a
+feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf16):
+
+- **images**: the encoded bytes (the request holds them, and a copy is taken), every decoded
+  image kept as RGB (Pillow stores 4 bytes per pixel) for the whole run, and the largest
+  one's decoding transient (its native mode, rotation, conversion, the cache digest);
+- **targets**: the content images at the output size and the style images at their resized
+  size as float tensors (kept), the resize and conversion transients of one image, the
+  content feature maps at the content layers (kept, plus their blend), and one no-grad
+  network pass (:func:`_forward_peak`);
+- **activations**: the optimised image's forward pass with autograd: every layer output up
+  to the deepest loss layer is kept for the backward pass (max-pool indices are int64), the
+  losses' copies of the feature maps they read, and the backward pass's gradient buffers;
+- **optimiser**: L-BFGS keeps ``min(iterations, LBFGS_HISTORY)`` curvature pairs, each two
+  copies of the image (12 bytes per pixel each), plus a few working copies; Adam two
+  moments;
+- **output**: the output image, its encoding and the response message (and for
+  ComputeLosses the float32 gradient and its copies).
+
+With several scales the largest scale dominates; the previous scale's targets are still
+held while the next scale's are built, so they are added. A fixed ``OVERHEAD`` covers the
+allocator, oneDNN's scratch buffers and thread stacks, and ``MARGIN`` the rest:
+``tests/test_hardening.py`` checks the estimate against the measured peak RSS of real
+requests (it must never be below it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from gramstyle.images import ImageHeader, decoded_bytes
+from gramstyle.options import StyleOptions, scale_sizes
+from gramstyle.server.objective import style_side
+
+#: Fixed cost of any request (allocator arenas, oneDNN scratch, stacks), bytes.
+OVERHEAD = 64 * 2**20
+#: Multiplier on the modelled bytes (fragmentation, reorder buffers of the convolutions).
+MARGIN = 1.25
+#: L-BFGS history pairs (each pair is two copies of the image); optimise.LBFGS_HISTORY.
+try:
+    from gramstyle.server.optimise import LBFGS_HISTORY
+except ImportError:  # pragma: no cover - an engine without the constant
+    LBFGS_HISTORY = 100
+
+#: Modes whose conversion to RGB takes several full copies (see images.to_rgb).
+_WIDE_MODES = {"RGBA", "LA", "PA", "P", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "1"}
+_RGB_TENSOR = 12  # float32 [1, 3, H, W], bytes per pixel
+_PIL_RGB = 4  # Pillow stores RGB as 32 bits per pixel
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass
+class Estimate:
+    """A request's estimated peak memory, in bytes, and its parts (see the module doc)."""
+
+    total: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """'about 1.20 GiB (activations 800 MiB, optimiser 300 MiB, ...)', largest first."""
+        parts = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{name} {_gib(n)}" for name, n in parts if n >= 2**20)
+        return f"about {_gib(self.total)}" + (f" ({shown})" if shown else "")
+
+    @property
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.get) if self.parts else ""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    kind: str  # conv, relu, pool
+    channels: int
+    #: Spatial divisor of this layer's output: 2 ** (pools up to and including it).
+    stride: int
+
+
+def _layers(extractor: nn.Module) -> list[_Layer]:
+    """The network as (name, kind, output channels, stride) rows."""
+    rows, channels, stride = [], 3, 1
+    for name, module in zip(extractor.layer_names, extractor.layers, strict=True):
+        if isinstance(module, nn.Conv2d):
+            channels, kind = module.out_channels, "conv"
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            stride, kind = stride * 2, "pool"
+        else:
+            kind = "relu"
+        rows.append(_Layer(name, kind, channels, stride))
+    return rows
+
+
+def _elements(layer: _Layer, width: int, height: int) -> int:
+    return layer.channels * max(1, width // layer.stride) * max(1, height // layer.stride)
+
+
+def _upto(extractor: nn.Module, layers: Sequence[str]) -> tuple[list[_Layer], set[str]]:
+    """The layers a pass to the deepest of ``layers`` runs, and the wanted names."""
+    rows = _layers(extractor)
+    wanted = {extractor.resolve(n) for n in layers}
+    if not wanted:
+        return [], wanted
+    deepest = max(i for i, row in enumerate(rows) if row.name in wanted)
+    return rows[: deepest + 1], wanted
+
+
+def _forward_peak(extractor: nn.Module, layers: Sequence[str], width: int, height: int,
+                  element: int) -> int:
+    """Peak bytes of one no-grad pass: the normalised input, each layer's input and output
+    (twice for a convolution: oneDNN may reorder both), and the outputs captured so far."""
+    rows, wanted = _upto(extractor, layers)
+    pixels = width * height
+    peak, held, previous = 0, 0, 2 * _RGB_TENSOR * pixels
+    for row in rows:
+        out = _elements(row, width, height) * element
+        factor = 2 if row.kind == "conv" else 1
+        peak = max(peak, held + factor * (previous + out))
+        if row.name in wanted:
+            held += out
+        previous = out
+    return peak + 2 * _RGB_TENSOR * pixels
+
+
+def _captured(extractor: nn.Module, layers: Sequence[str], width: int, height: int,
+              element: int) -> int:
+    """Bytes of the feature maps of ``layers`` at ``element`` bytes per value."""
+    rows, wanted = _upto(extractor, layers)
+    return sum(_elements(r, width, height) * element for r in rows if r.name in wanted)
+
+
+def _gram_factor(element: int) -> int:
+    """Transient bytes of a style target's Gram per byte of its feature map: a float32 copy;
+    under bf16 autocast the Gram's matmul path takes about nine times the bf16 map
+    (measured; see tests/test_hardening.py)."""
+    return 10 if element == 2 else 2
+
+
+def _backprop(extractor: nn.Module, options: StyleOptions, content: bool, style: bool,
+              width: int, height: int, element: int) -> int:
+    """Bytes of a forward pass with autograd plus its backward pass: what autograd keeps
+    (every ReLU and pooling output, int64 max-pool indices, a convolution output when a loss
+    reads it), the content losses' float32 differences, the style losses' Gram transients,
+    and the backward pass's gradient buffers for the largest layer (three, for the
+    convolutions' reorders)."""
+    content_layers = list(options.content_layers) if content else []
+    style_layers = list(options.style_layers) if style else []
+    rows, wanted = _upto(extractor, content_layers + style_layers)
+    kept = largest = 0
+    for row in rows:
+        out = _elements(row, width, height)
+        if row.kind != "conv" or row.name in wanted:
+            kept += out * element
+        if row.kind == "pool":
+            kept += out * 8
+        largest = max(largest, out * 4)
+    losses = 2 * _captured(extractor, content_layers, width, height, 4)
+    if style_layers:
+        losses += max(_captured(extractor, [n], width, height, element)
+                      for n in style_layers) * _gram_factor(element) // 2
+    return kept + losses + 3 * largest + 4 * _RGB_TENSOR * width * height
+
+
+def _resize_bytes(src: ImageHeader, width: int, height: int) -> int:
+    """Transient bytes of resizing ``src`` to width x height and making it a tensor:
+    Pillow's intermediate pass, the resized image, uint8 and two float copies."""
+    return (_PIL_RGB * width * max(src.height, height) + (_PIL_RGB + 3 + 2 * _RGB_TENSOR)
+            * width * height)
+
+
+def _resized(header: ImageHeader, side: int) -> tuple[int, int]:
+    """(width, height) of ``header`` resized to long side ``side`` (as resize_long_side)."""
+    scale = side / max(header.width, header.height)
+    return max(1, round(header.width * scale)), max(1, round(header.height * scale))
+
+
+def _decoding(headers: Sequence[ImageHeader]) -> int:
+    """Transient bytes of decoding the largest image: its native pixels and a rotated copy,
+    the conversion to RGB (16-bit and float go through two float copies and 8 bits; alpha
+    and palettes are composited on white: three RGBA copies) and the target cache's digest
+    of the pixels (3 bytes per pixel)."""
+    def cost(h: ImageHeader) -> int:
+        converts = 16 if h.mode in _WIDE_MODES else 8
+        return 2 * decoded_bytes(h) + (converts + 3) * h.pixels
+    return max(map(cost, headers), default=0)
+
+
+def _targets(extractor: nn.Module, options: StyleOptions, contents: Sequence[ImageHeader],
+             styles: Sequence[ImageHeader], width: int, height: int, element: int
+             ) -> tuple[int, int]:
+    """(kept, transient) bytes of one objective at output size width x height: the tensors
+    and target feature maps it keeps, and the largest transient of building it (one image's
+    resize and network pass)."""
+    content_layers = list(options.content_layers) if contents else []
+    style_layers = list(options.style_layers) if styles else []
+    side = style_side(width, height, options.style_scale)
+    style_sizes = [_resized(s, side) for s in styles]
+    kept = _RGB_TENSOR * width * height * len(contents)
+    kept += sum(_RGB_TENSOR * w * h for w, h in style_sizes)
+    transients = [0]
+    if content_layers:
+        features = _captured(extractor, content_layers, width, height, element)
+        # Every content image's feature maps, then their float32 blend (kept as the target).
+        kept += features * len(contents) + 2 * _captured(extractor, content_layers, width,
+                                                         height, 4)
+        transients.append(_forward_peak(extractor, content_layers, width, height, element))
+        transients += [_resize_bytes(c, width, height) for c in contents]
+    for (w, h), s in zip(style_sizes, styles, strict=True) if style_layers else ():
+        # The pass, then one Gram at a time while every captured map is still held.
+        largest = max(_captured(extractor, [n], w, h, element) for n in style_layers)
+        transients.append(max(_forward_peak(extractor, style_layers, w, h, element),
+                              _captured(extractor, style_layers, w, h, element)
+                              + largest * _gram_factor(element)))
+        transients.append(_resize_bytes(s, w, h))
+    return kept, max(transients)
+
+
+def _element(options: StyleOptions) -> int:
+    return 2 if options.precision == "bf16" else 4
+
+
+def _peak(phases: dict[str, dict[str, int]]) -> Estimate:
+    """The estimate of the costliest phase (decoding, targets, optimising), whose parts are
+    reported, with the margin and the fixed overhead."""
+    name = max(phases, key=lambda k: sum(phases[k].values()))
+    parts = {k: int(MARGIN * v) for k, v in phases[name].items() if v}
+    return Estimate(int(OVERHEAD + MARGIN * sum(phases[name].values())), parts)
+
+
+def output_size(options: StyleOptions, contents: Sequence[ImageHeader],
+                styles: Sequence[ImageHeader], size: int | None = None) -> tuple[int, int]:
+    """The output (width, height) of a Stylize at long side ``size`` (default
+    ``options.size``): the first content image's aspect ratio, else the first style's."""
+    first = contents[0] if contents else styles[0] if styles else None
+    side = size or options.size
+    if first is None:
+        return side, side
+    return _resized(first, side)
+
+
+def estimate_stylize(extractor: nn.Module, options: StyleOptions,
+                     contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
+                     init_image: ImageHeader | None = None, encoded: int = 0) -> Estimate:
+    """Peak bytes of a Stylize with validated ``options``; ``encoded``: the request's image
+    bytes."""
+    element = _element(options)
+    inputs = [*contents, *styles, *([init_image] if init_image else [])]
+    images = 2 * encoded + sum(_PIL_RGB * h.pixels for h in inputs)
+    phases = {"decode": {"images": images + _decoding(inputs)}}
+    previous = 0  # the coarser scale's targets, held while the next ones are built
+    for k, side in enumerate(scale_sizes(options.size, options.scales)):
+        width, height = output_size(options, contents, styles, side)
+        pixels = width * height
+        kept, transient = _targets(extractor, options, contents, styles, width, height,
+                                   element)
+        phases[f"targets{k}"] = {"images": images, "targets": previous + kept + transient}
+        if options.optimizer == "lbfgs":
+            optimiser = (2 * min(options.iterations, LBFGS_HISTORY) + 6) * _RGB_TENSOR * pixels
+        else:
+            optimiser = 4 * _RGB_TENSOR * pixels
+        phases[f"optimise{k}"] = {
+            "images": images, "targets": kept,
+            "activations": _backprop(extractor, options, bool(contents), bool(styles), width,
+                                     height, element),
+            "optimiser": optimiser, "output": 24 * pixels}
+        previous = kept
+    return _peak(phases)
+
+
+def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: ImageHeader,
+                    contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
+                    gradient: bool, encoded: int = 0) -> Estimate:
+    """Peak bytes of a ComputeLosses with validated ``options``, for a candidate of this
+    header (it fixes the size); ``encoded``: the request's image bytes."""
+    element = _element(options)
+    width, height = candidate.width, candidate.height
+    pixels = width * height
+    inputs = [candidate, *contents, *styles]
+    images = 2 * encoded + sum(_PIL_RGB * h.pixels for h in inputs)
+    kept, transient = _targets(extractor, options, contents, styles, width, height, element)
+    kept += 2 * _RGB_TENSOR * pixels  # the candidate as a tensor
+    if gradient:
+        network = _backprop(extractor, options, bool(contents), bool(styles), width, height,
+                            element)
+        out = 6 * _RGB_TENSOR * pixels  # the gradient, contiguous, numpy, bytes, message
+    else:
+        layers = [*(options.content_layers if contents else ()),
+                  *(options.style_layers if styles else ())]
+        network = _forward_peak(extractor, layers, width, height, element)
+        out = 0
+    return _peak({"decode": {"images": images + _decoding(inputs)},
+                  "targets": {"images": images, "targets": kept + transient},
+                  "evaluate": {"images": images, "targets": kept, "activations": network,
+                               "output": out}})
+
+
+__all__ = ["MARGIN", "OVERHEAD", "Estimate", "estimate_losses", "estimate_stylize",
+           "output_size"]
