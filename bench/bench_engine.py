@@ -11,7 +11,6 @@ Per-iteration time is (time of N+1 iterations − time of 1 iteration) / N, each
 two runs, so set-up (target features, image loading) is excluded for both.
 
     python bench/bench_engine.py --sizes 256 512 --iterations 5
-    python bench/bench_engine.py --sizes 512 --compile          # + torch.compile'd extractor
     python bench/bench_engine.py --sizes 512 --compute-losses    # + ComputeLosses via gRPC
 """
 
@@ -164,8 +163,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--content", default=None)
     parser.add_argument("--style", default=None)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the default with a torch.compile'd extractor")
     parser.add_argument("--compute-losses", type=int, nargs="*", default=None, metavar="SIZE",
                         help="also time ComputeLosses through a loopback server, first call "
                              "vs repeated (default sizes: --sizes)")
@@ -179,8 +176,6 @@ def main() -> None:
     engine = StyleTransfer(arch="vgg19", weights="random", device=args.device)
     device = engine.device
     auto = engine.auto_precision
-    compiled = (StyleTransfer(arch="vgg19", weights="random", device=args.device, compile=True)
-                if args.compile else None)
     load_before = load1()
 
     rows = []
@@ -191,8 +186,6 @@ def main() -> None:
         row = {"size": size, "plain_fp32_s": plain}
         variants = [("fp32", engine, "fp32"), ("bf16", engine, "bf16"),
                     ("default", engine, "auto")]
-        if compiled is not None:
-            variants.append(("default_compiled", compiled, "auto"))
         for name, runner, precision in variants:
 
             def run(n, s=size, p=precision, e=runner):

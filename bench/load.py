@@ -179,6 +179,7 @@ def run(target: str, pid: int | None, clients: int, seconds: float, requests: in
     stop = threading.Event()
     warmed = threading.Event()
     marks: dict[str, int] = {"start": rss(pid) if pid else 0}
+    series: list[tuple[int, int]] = []  # (requests sent, server RSS) every 500 requests
     health_failures: Counter = Counter()
 
     def client(index: int) -> None:
@@ -196,6 +197,8 @@ def run(target: str, pid: int | None, clients: int, seconds: float, requests: in
                     if pid:
                         marks["warm"] = rss(pid)
                     warmed.set()
+                if pid and sent % 500 == 0:
+                    series.append((sent, rss(pid)))
                 if sent >= requests:
                     stop.set()
 
@@ -242,6 +245,8 @@ def run(target: str, pid: int | None, clients: int, seconds: float, requests: in
         print(f"server RSS: start {start_mb:.0f} MiB, after {warmup} requests (warm-up) "
               f"{warm_mb:.0f} MiB, end {end_mb:.0f} MiB: {growth:+.1f}% after warm-up over "
               f"{total - warmup} requests")
+        print("server RSS every 500 requests (MiB):",
+              ", ".join(f"{n}: {b / 2**20:.0f}" for n, b in series))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{date.today()}")
     bad = stats.codes.get("INTERNAL", 0) + stats.codes.get("UNKNOWN", 0)

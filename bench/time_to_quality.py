@@ -18,7 +18,9 @@ Configurations (``--configs``; see CONFIGS):
 - ``new``: today's defaults (``StyleOptions()``: precision auto, the default tolerance);
 - ``nostop``: the new defaults with tolerance 0, reported every iteration: the curve the
   tolerance table simulates the early stop on (how the default tolerance was chosen);
-- ``scales2``, ``adam``, ``compile``, ``fp32stop``: variants worth showing.
+- ``scales2``, ``adam``, ``fp32stop``, ``nostop_h20``/``nostop_h100`` (the L-BFGS history):
+  variants worth showing. (torch.compile of the extractor is measured by
+  ``bench/gpu_check.py compile``: it did not win on the CPU, so it is no engine option.)
 
 Targets (issue 11): for every pair and size, ``new``'s final loss at most 5 % above ``old``'s
 and its wall time at most 1/3 of ``old``'s.
@@ -65,13 +67,11 @@ DEFAULT_PAIRS = ["chelsea:starry_night", "coffee:the_scream", "astronaut:woman_w
 
 @dataclasses.dataclass
 class Config:
-    """One configuration: option overrides on top of StyleOptions(), the L-BFGS history, and
-    whether the extractor is torch.compile'd."""
+    """One configuration: option overrides on top of StyleOptions() and the L-BFGS history."""
 
     label: str
     options: dict[str, Any]
     history: int | None = None  # None: the engine's default (optimise.LBFGS_HISTORY)
-    compile: bool = False
     every: int | None = None  # progress interval; None: --every
 
 
@@ -83,7 +83,6 @@ CONFIGS = {
     "fp32stop": Config("fp32 with early stop", {"precision": "fp32"}),
     "scales2": Config("new default, --scales 2", {"scales": 2}),
     "adam": Config("new default, --optimizer adam", {"optimizer": "adam"}),
-    "compile": Config("new default, torch.compile'd extractor", {}, compile=True),
     "nostop_h20": Config("no early stop, L-BFGS history 20", {"tolerance": 0.0}, history=20,
                          every=1),
     "nostop_h100": Config("no early stop, L-BFGS history 100", {"tolerance": 0.0},
@@ -150,8 +149,9 @@ def run_one(engine: StyleTransfer, judge: StyleTransfer, content, style, size: i
         optimise_module.LBFGS_HISTORY = history
     final = judge.compute_losses(result.image, [content], [style],
                                  dataclasses.replace(options, precision="fp32")).losses
-    return {"wall_s": wall, "cpu_s": cpu, "engine_s": result.elapsed_s, "iterations": result.iterations,
-            "stop_reason": result.stop_reason, "precision": result.precision,
+    return {"wall_s": wall, "cpu_s": cpu, "engine_s": result.elapsed_s,
+            "iterations": result.iterations, "stop_reason": result.stop_reason,
+            "precision": result.precision,
             "final_loss_fp32": final.total, "final_content": final.content,
             "final_style": final.style, "curve": curve, "load_before": load_before,
             "load_after": load1(), "options": {k: v for k, v in values.items()},
@@ -204,24 +204,29 @@ def summary(rows: list[dict], meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}, "
              f"{meta['threads']} threads, {meta['arch']} {meta['weights']}. Wall = the whole "
              "stylize call from a cold target cache; final loss = fp32 ComputeLosses of the "
-             "returned image. load = 1-minute load average before/after the run.", "",
-             "| pair | size | configuration | precision | iterations | stop | wall s | "
-             "final loss | vs old loss | vs old time | load |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|"]
+             "returned image. CPU s = the process's CPU time (all threads), less sensitive to "
+             "other processes than wall time. load = 1-minute load average before/after the "
+             "run.", "",
+             "| pair | size | configuration | precision | iterations | stop | wall s | CPU s | "
+             "final loss | vs old loss | vs old wall | vs old CPU | load |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     verdicts = []
     for row in rows:
         runs = row["runs"]
         old = runs.get("old")
         for name, run in runs.items():
-            vs_loss = vs_time = ""
+            vs_loss = vs_time = vs_cpu = ""
+            cpu = run.get("cpu_s")
             if old and name != "old":
                 vs_loss = f"{run['final_loss_fp32'] / old['final_loss_fp32'] - 1:+.1%}"
                 vs_time = f"{run['wall_s'] / old['wall_s']:.2f}×"
+                if cpu and old.get("cpu_s"):
+                    vs_cpu = f"{cpu / old['cpu_s']:.2f}×"
             lines.append(
                 f"| {row['pair']} | {row['size']} | {CONFIGS[name].label} | {run['precision']} "
                 f"| {run['iterations']} | {run['stop_reason']} | {run['wall_s']:.1f} | "
-                f"{run['final_loss_fp32']:.4g} | {vs_loss} | {vs_time} | "
-                f"{run['load_before']:.2f}/{run['load_after']:.2f} |")
+                f"{cpu or float('nan'):.1f} | {run['final_loss_fp32']:.4g} | {vs_loss} | "
+                f"{vs_time} | {vs_cpu} | {run['load_before']:.2f}/{run['load_after']:.2f} |")
         if old and "new" in runs:
             new = runs["new"]
             loss_ok = new["final_loss_fp32"] <= 1.05 * old["final_loss_fp32"]
@@ -250,7 +255,7 @@ def chart(rows: list[dict], path: Path) -> None:
                                                               4.2 * len(sizes)),
                              squeeze=False, constrained_layout=True)
     colours = dict(zip(CONFIGS, ("#555555", "#d62728", "#ff9896", "#1f77b4", "#2ca02c",
-                                 "#9467bd", "#8c564b", "#e377c2", "#bcbd22"), strict=True))
+                                 "#9467bd", "#e377c2", "#bcbd22"), strict=True))
     for row in rows:
         ax = axes[sizes.index(row["size"])][pairs.index(row["pair"])]
         for name, run in row["runs"].items():
@@ -297,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                           else os.cpu_count() or 1)
     engine = StyleTransfer(arch=args.arch, weights=args.weights, device=args.device)
     judge = engine
-    compiled = None
     device = engine.device
     meta = {
         "date": date.today().isoformat(), "torch": torch.__version__,
@@ -337,14 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 load = wait_for_quiet(args.quiet_load, args.max_wait)
                 print(f"== {pair} {size} px (load {load:.2f})", flush=True)
             for name in todo:
-                config = CONFIGS[name]
-                runner = engine
-                if config.compile:
-                    if compiled is None:
-                        compiled = StyleTransfer(arch=args.arch, weights=args.weights,
-                                                 device=args.device, compile=True)
-                    runner = compiled
-                run = run_one(runner, judge, content, style, size, config, args.every,
+                run = run_one(engine, judge, content, style, size, CONFIGS[name], args.every,
                               args.max_iterations)
                 row["runs"][name] = run
                 save()

@@ -62,4 +62,8 @@ def format_server_info(info: ServerInfo, target: str) -> str:
                  f"{limits['max_message_bytes'] / 2**20:.0f} MiB messages")
     lines.append(f"workers   {info.busy_workers}/{limits['workers']} busy, "
                  f"{info.queued}/{limits['queue_size']} queued")
+    if limits.get("memory_budget_bytes"):  # servers older than the memory limits omit them
+        lines.append(f"memory    budget {limits['memory_budget_bytes'] / 2**30:.1f} GiB, "
+                     f"{limits['max_request_memory_bytes'] / 2**30:.1f} GiB per request, "
+                     f"{limits['max_images']} images per request")
     return "\n".join(lines)

@@ -123,17 +123,22 @@ class WorkQueue:
                     f"{len(self._waiting)} of {self.queue_size} queue slot(s) taken")
             self._waiting.append(job)
             self._changed.notify_all()
-        future.add_done_callback(lambda f: self._drop(job) if f.cancelled() else None)
+        # A bound method, not a closure over the job: the job holds the future, and a cycle
+        # through it would keep a failed job's traceback (and its tensors) alive until the
+        # garbage collector runs.
+        future.add_done_callback(self._dropped)
         self._notify()
         return future
 
-    def _drop(self, job: _Job) -> None:
+    def _dropped(self, future: Future) -> None:
         """A waiting job's future was cancelled: give its slot back now."""
+        if not future.cancelled():
+            return
         with self._lock:
-            try:
-                self._waiting.remove(job)
-            except ValueError:  # a worker took it already (and will skip it)
+            job = next((j for j in self._waiting if j.future is future), None)
+            if job is None:  # a worker took it already (and will skip it)
                 return
+            self._waiting.remove(job)
             self._changed.notify_all()
         self._notify()
 
@@ -163,6 +168,9 @@ class WorkQueue:
                     self._reserved -= job.memory
                     self._changed.notify_all()
                 self._notify()
+                # A failed job's traceback refers to this frame (through the frames it ran):
+                # drop the job so that the future, the exception and its tensors go now.
+                job = None
 
     @staticmethod
     def _run(job: _Job) -> None:
@@ -175,6 +183,7 @@ class WorkQueue:
             result = job.fn()
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller
             job.future.set_exception(exc)
+            job = None  # break the cycle future -> exception -> this frame -> job -> future
         else:
             job.future.set_result(result)
 
@@ -198,7 +207,7 @@ class WorkQueue:
             waiting = list(self._waiting)
             self._changed.notify_all()
         for job in waiting:
-            job.future.cancel()  # each removes itself (_drop)
+            job.future.cancel()  # each removes itself (_dropped)
         if wait:
             for thread in self._threads:
                 if thread is not threading.current_thread():

@@ -97,15 +97,12 @@ class StyleTransfer:
             kept across calls (:mod:`gramstyle.server.target_cache`); several engines may
             share one. Default: a private cache of ``DEFAULT_TARGET_CACHE_MB`` MiB;
             ``TargetCache(0)`` turns caching off.
-        compile: run the extractor through ``torch.compile`` (compiled per precision on
-            first use, recompiled for each new image size and layer set). An experiment:
-            bench/bench_engine.py --compile measures it (docs/benchmarks.md).
     """
 
     def __init__(self, arch: str = "vgg19", weights: str = "imagenet", pooling: str = "max",
                  device: str = "auto", max_size: int = MAX_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
-                 target_cache: TargetCache | None = None, compile: bool = False):
+                 target_cache: TargetCache | None = None):
         self.device = pick_device(device)
         self.extractor = VGGFeatures(arch, weights, pooling, seed).to(self.device)
         if self.device.type == "cpu":
@@ -115,8 +112,7 @@ class StyleTransfer:
         self.max_size, self.max_pixels = max_size, max_pixels
         self.target_cache = target_cache if target_cache is not None else TargetCache()
         self.model_key = (arch, weights, pooling, seed, str(self.device), next(_ENGINE_IDS))
-        self.compile = compile
-        self._networks: dict[str, VGGFeatures] = {}
+        self._bf16_network: VGGFeatures | None = None
         self._lock = threading.Lock()
 
     @property
@@ -138,18 +134,14 @@ class StyleTransfer:
         autocast runs the convolutions on bf16 copies either way, and the ImageNet
         normalisation stays float32.
         """
-        if precision != "bf16" and not self.compile:
+        if precision != "bf16":
             return self.extractor
         with self._lock:
-            if precision not in self._networks:
-                network = self.extractor
-                if precision == "bf16":
-                    network = copy.deepcopy(self.extractor)
-                    network.layers.to(torch.bfloat16)  # mean/std belong to the parent: fp32
-                if self.compile:
-                    network = torch.compile(network)
-                self._networks[precision] = network
-            return self._networks[precision]
+            if self._bf16_network is None:
+                twin = copy.deepcopy(self.extractor)
+                twin.layers.to(torch.bfloat16)  # mean/std belong to the parent: float32
+                self._bf16_network = twin
+            return self._bf16_network
 
     @property
     def auto_precision(self) -> str:

@@ -16,20 +16,22 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
   size as float tensors (kept), the resize and conversion transients of one image, the
   content feature maps at the content layers (kept, plus their blend), and one no-grad
   network pass (:func:`_forward_peak`);
-- **activations**: the optimised image's forward pass with autograd: every layer output up
-  to the deepest loss layer is kept for the backward pass (max-pool indices are int64), the
-  losses' copies of the feature maps they read, and the backward pass's gradient buffers;
+- **activations**: the optimised image's forward pass with autograd: every ReLU and pooling
+  output up to the deepest loss layer is kept for the backward pass (and a convolution
+  output a loss reads; max-pool indices are int64), the losses' copies of the feature maps
+  they read, and the backward pass's gradient buffers;
 - **optimiser**: L-BFGS keeps ``min(iterations, LBFGS_HISTORY)`` curvature pairs, each two
   copies of the image (12 bytes per pixel each), plus a few working copies; Adam two
   moments;
 - **output**: the output image, its encoding and the response message (and for
   ComputeLosses the float32 gradient and its copies).
 
-With several scales the largest scale dominates; the previous scale's targets are still
-held while the next scale's are built, so they are added. A fixed ``OVERHEAD`` covers the
-allocator, oneDNN's scratch buffers and thread stacks, and ``MARGIN`` the rest:
-``tests/test_hardening.py`` checks the estimate against the measured peak RSS of real
-requests (it must never be below it).
+These do not all peak at once: the estimate is the costliest *phase* -- decoding (the
+images), building one scale's targets (images and targets, with the coarser scale's targets
+still held), optimising one scale (images, the kept targets, activations, optimiser,
+output) -- times ``MARGIN``, plus a fixed ``OVERHEAD`` for the allocator, oneDNN's scratch
+buffers and thread stacks; its parts are that phase's. ``tests/test_hardening.py`` checks
+the estimate against the measured peak RSS of real requests (it must never be below it).
 """
 
 from __future__ import annotations

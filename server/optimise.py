@@ -40,8 +40,11 @@ from gramstyle.server.objective import LossTerms, Objective, fetch
 #: Called with (iterations done over all scales, losses of the current image, preview).
 Report = Callable[[int, Losses, Image.Image | None], None]
 
-#: Curvature pairs L-BFGS keeps. Chosen with bench/time_to_quality.py (docs/benchmarks.md).
-LBFGS_HISTORY = 100
+#: Curvature pairs L-BFGS keeps. 20 reaches the same loss per iteration as 100 (the old
+#: default, torch's and neural-style's) in bench/time_to_quality.py, and each pair is two
+#: image-sized vectors that every update reads twice: 100 pairs made the update a large part of
+#: an iteration and took 6.7 GB at 2048 px (docs/benchmarks.md).
+LBFGS_HISTORY = 20
 
 
 class Cancelled(Exception):
@@ -57,9 +60,9 @@ class Cancelled(Exception):
 
 @dataclass
 class Run:
-    """How an optimisation went: steps run over all scales, and why it ended: 'converged'
-    (every scale stopped early, see :class:`Convergence`) or 'cap' (a scale ran all its
-    ``iterations``)."""
+    """How an optimisation went: steps run over all scales, and why it ended, i.e. why its last
+    scale ended: 'converged' (the loss stopped improving, see :class:`Convergence`) or 'cap'
+    (it ran all ``iterations``). A coarser scale that converges hands over to the next."""
 
     iterations: int
     stop_reason: str
@@ -200,7 +203,7 @@ def optimise(
                           precision=precision))
 
     x = objective = None
-    done, converged = 0, True
+    done, converged = 0, False
     for size in sizes:
         objective = objective_at(size)
         precision = objective.precision
@@ -214,7 +217,7 @@ def optimise(
                                         report if progress is not None else None, preview,
                                         should_stop)
         done += steps
-        converged = converged and scale_converged
+        converged = scale_converged  # the run ends when its last scale does
 
     with torch.no_grad():
         final = x.detach().clamp(0, 1)

@@ -160,11 +160,19 @@ def stylize_count(server, code: str) -> float:
         "rpc": "gramstyle.v1.StyleTransferService/Stylize", "code": code}) or 0.0
 
 
+def stylize_counts(server) -> dict[str, float]:
+    """Every gramstyle_requests_total of Stylize, by code."""
+    return {sample.labels["code"]: sample.value
+            for metric in server.metrics.registry.collect() for sample in metric.samples
+            if sample.name == "gramstyle_requests_total"
+            and sample.labels.get("rpc", "").endswith("/Stylize")}
+
+
 def wait_for_counts(server, expected: dict[str, float], timeout: float = 60) -> None:
     """Wait until the server has counted its Stylize calls by code as ``expected``."""
     deadline = time.monotonic() + timeout
-    while (counts := {code: stylize_count(server, code) for code in expected}) != expected:
-        assert time.monotonic() < deadline, (counts, expected)
+    while {code: stylize_count(server, code) for code in expected} != expected:
+        assert time.monotonic() < deadline, (stylize_counts(server), expected)
         time.sleep(0.05)
 
 

@@ -223,6 +223,26 @@ def test_health_watchers_all_see_shutdown(random_engine):
         srv.stop(grace=None)
 
 
+def test_a_slow_reader_never_blocks_the_worker():
+    """An unread Stylize stream: the worker hands progress over without waiting, the relay
+    keeps the newest messages (bounded memory) and the end marker is never lost."""
+    import asyncio
+
+    from gramstyle.server.service import RELAY_LIMIT, _Relay
+
+    async def main() -> tuple[list[int], int]:
+        relay = _Relay(asyncio.get_running_loop())
+        worker = threading.Thread(target=lambda: ([relay.put(i) for i in range(100)],
+                                                  relay.close()))
+        worker.start()
+        await asyncio.get_running_loop().run_in_executor(None, worker.join, 10)
+        await asyncio.sleep(0.1)  # the handed-over messages reach the loop
+        return [item async for item in relay], relay.dropped
+
+    received, dropped = asyncio.run(main())
+    assert received == list(range(100 - RELAY_LIMIT, 100)) and dropped == 100 - RELAY_LIMIT
+
+
 # ------------------------------------------------------------ 2. a memory bound per request
 
 

@@ -54,9 +54,9 @@ def counting_passes(engine: StyleTransfer):
     calls = []
     forward = engine.extractor.forward
 
-    def counted(images, layers):
+    def counted(images, *args, **kwargs):
         calls.append(tuple(images.shape))
-        return forward(images, layers)
+        return forward(images, *args, **kwargs)
 
     engine.extractor.forward = counted
     try:
@@ -204,15 +204,17 @@ def test_tolerance_stops_early_and_the_result_says_so(random_engine, images):
 
 
 def test_cancelled_says_how_far_it_got(random_engine, images):
-    polls = []
+    seen: list[int] = []
 
-    def should_stop() -> bool:
-        polls.append(1)
-        return len(polls) > 4
+    def should_stop() -> bool:  # polled before each step (and maybe during set-up)
+        return bool(seen) and seen[-1] >= 3
 
     with pytest.raises(Cancelled) as info:
         random_engine.stylize([images["cat"]], [images["starry"]],
-                              StyleOptions(size=32, iterations=20), should_stop=should_stop)
+                              StyleOptions(size=32, iterations=20, progress_every=1),
+                              progress=lambda p: seen.append(p.iteration),
+                              should_stop=should_stop)
+    # Progress for iteration 3 comes with step 4; the poll before step 5 stops the run.
     assert info.value.iterations == 4 and info.value.stop_reason == "cancelled"
 
 

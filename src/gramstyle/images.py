@@ -35,6 +35,10 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 #: MPO only the first frame is used. Anything else is "cannot decode image".
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _INPUT_NAMES = "PNG, JPEG, WebP, BMP, TIFF or GIF"
+#: What Pillow's parsers and decoders raise on bad bytes (besides UnidentifiedImageError):
+#: all of it is the caller's corrupt or truncated image, never a server error.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct_error, IndexError,
+                  KeyError, TypeError, ZeroDivisionError, OverflowError)
 #: Rough seconds per pixel of one decoding step (decode, rotate, convert) on a CPU core: a
 #: 16-megapixel PNG decodes in about 0.3 s, a WebP in about 1 s.
 _SECONDS_PER_PIXEL = 4e-8
@@ -161,7 +165,7 @@ def _open(data: bytes, what: str, field: str, max_pixels: int | None,
             raise ImageError(field, f"zero-size image ({size[0]}x{size[1]})") from exc
         raise ImageError(field, f"cannot decode image ({what}): not a {_INPUT_NAMES} "
                                 "image") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, struct_error) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageError(field, f"corrupt or truncated image ({what}): {_short(exc)}") from exc
     _check_size(image.width, image.height, field, max_pixels)
     if max_side is not None and max(image.size) > max_side:
@@ -233,7 +237,7 @@ def load_image(
             return to_rgb(image)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, struct_error) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageError(field, f"corrupt or truncated image ({what}): {_short(exc)}") from exc
     except MemoryError as exc:
         raise ImageError(field, f"image too large to decode ({what})") from exc

@@ -45,7 +45,7 @@ MIN_SCALE_SIZE = 32
 #: default was chosen with bench/time_to_quality.py (docs/benchmarks.md).
 CONVERGENCE_WINDOW = 20
 CONVERGENCE_CHECK_EVERY = 5
-DEFAULT_TOLERANCE = 1e-3
+DEFAULT_TOLERANCE = 1e-2
 
 #: Option kinds: how a value is checked, sent over the wire and given on the command line.
 #: int, float, bool: a scalar; choice: one of the names of a proto enum (``enum``);
@@ -262,7 +262,7 @@ class StyleOptions:
         None, "choice", "start image: content, seeded noise, style, or image (the init "
         "image). Default: image when an init image is given, else content when there is a "
         "content image, else noise", enum=pb.Init, optional=True)
-    optimizer: str = option("lbfgs", "choice", "lbfgs (history 100) or adam",
+    optimizer: str = option("lbfgs", "choice", "lbfgs (history 20) or adam",
                             enum=pb.Optimizer)
     iterations: int = option(
         300, "int", "optimiser steps (per scale)", low=1, high="max_iterations",

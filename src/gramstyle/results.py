@@ -81,9 +81,9 @@ class StylizeResult:
     format: str = "png"
     #: The precision the network ran in: 'fp32' or 'bf16' (what precision 'auto' chose).
     precision: str = ""
-    #: Why the run ended: 'converged' (the loss stopped improving, see the ``tolerance``
-    #: option; ``iterations`` is then below the cap) or 'cap' (it ran every iteration).
-    #: '' from a server that does not report it.
+    #: Why the run (its last scale) ended: 'converged' (the loss stopped improving, see the
+    #: ``tolerance`` option) or 'cap' (it ran all ``iterations``). '' from a server that
+    #: does not report it.
     stop_reason: str = ""
 
     @property
@@ -151,9 +151,11 @@ class ModelInfo:
 
 @dataclass
 class ServerInfo:
-    """GetServerInfo's answer. ``limits`` maps each limit's name to its value: max_pixels
-    (per input image, from the header), max_size (output long side, pixels),
-    max_iterations, max_message_bytes, workers, queue_size (requests that may wait)."""
+    """GetServerInfo's answer. ``limits`` maps each limit's name (a field of the proto's
+    Limits message) to its value: max_pixels (per input image, from the header), max_size
+    (output long side, pixels), max_iterations, max_message_bytes, workers, queue_size
+    (requests that may wait), max_images (per request), max_request_memory_bytes and
+    memory_budget_bytes (0: no limit)."""
 
     version: str
     models: list[ModelInfo]
