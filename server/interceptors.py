@@ -220,7 +220,9 @@ def _wrap(behavior: Callable, call_of: Callable[[], _Call], streaming_request: b
                     await _malformed_abort(context, request)
                 async for response in behavior(first(request, context), context):
                     yield response
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: the stream was closed at a `yield` because the caller left
+                # (deadline or cancel) -- not a success.
                 cancelled = True
                 raise
             except grpc.aio.AbortError:

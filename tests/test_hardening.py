@@ -474,7 +474,7 @@ def test_compute_losses_stops_when_the_caller_goes(server, stub, random_engine, 
                                       content=[pb.WeightedImage(data=candidate)],
                                       style_weight=0.0, gradient=True)
     with pytest.raises(grpc.RpcError) as info:
-        stub.ComputeLosses(request, timeout=1.0)
+        stub.ComputeLosses(request, timeout=2.0)
     gone = time.monotonic()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert server.work.wait_idle(60)
@@ -666,7 +666,7 @@ def test_queued_call_leaves_the_queue_at_once(server, stub, small, random_engine
     engine = spy(random_engine)
     running = _occupy_worker(stub, small)
     try:
-        queued = stub.Stylize(stylize(small), timeout=1.0 if how == "deadline" else 120)
+        queued = stub.Stylize(stylize(small), timeout=3.0 if how == "deadline" else 120)
         wait_for(lambda: server.work.queued == 1, what="the call to be queued")
         if how == "cancel":
             queued.cancel()
