@@ -635,12 +635,12 @@ def test_malformed_protobuf_is_invalid_argument(server, caplog, method, message)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
             assert info.value.details().startswith(
                 f"request is not a valid gramstyle.v1.{message}")
-    # The server counts and logs a call as it ends, which may be just after the client has
-    # read the status: wait for the count (an event), not a fixed time.
-    deadline = time.monotonic() + 10
-    while (requests_total(server, method, "INVALID_ARGUMENT") < before + len(cases)
-           and time.monotonic() < deadline):
-        time.sleep(0.02)
+        # The server counts and logs a call as it ends, which may be just after the client
+        # has read the status: wait for the count (an event), not a fixed time.
+        deadline = time.monotonic() + 10
+        while (requests_total(server, method, "INVALID_ARGUMENT") < before + len(cases)
+               and time.monotonic() < deadline):
+            time.sleep(0.02)  # end() logs the line before it counts the call
     assert requests_total(server, method, "INVALID_ARGUMENT") == before + len(cases)
     lines = [r for r in caplog.records if f"rpc={SERVICE}/{method}" in r.getMessage()]
     assert len(lines) == len(cases)  # one line per call
