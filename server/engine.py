@@ -261,7 +261,7 @@ class StyleTransfer:
             self.network(options.precision), _load(content, "content", self.max_pixels, check),
             _load(style, "style", self.max_pixels, check), options, size=image.size,
             output_field="candidate", cache=self.target_cache, model_key=self.model_key,
-            check=check)
+            check=check, keep_pixels=False)
         x = to_tensor(image, self.device).requires_grad_(gradient)
         grad = None
         with torch.set_grad_enabled(gradient):

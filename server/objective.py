@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from gramstyle.images import resize_long_side
+from gramstyle.images import long_side_size
 from gramstyle.options import StyleOptions, check_weights
 from gramstyle.results import Losses
 from gramstyle.server.colour import to_tensor
@@ -182,7 +182,8 @@ class Objective:
               styles: Sequence[Image.Image], options: StyleOptions,
               size: tuple[int, int] | None = None, output_field: str = "size", *,
               cache: TargetCache | None = None, model_key: Hashable = (),
-              check: Callable[[float], None] | None = None) -> Objective:
+              check: Callable[[float], None] | None = None,
+              keep_pixels: bool = True) -> Objective:
         """Check the images against ``options`` and the network, then compute the targets.
 
         ``options`` must be validated (:meth:`StyleTransfer.validate`). ``size`` = (width,
@@ -197,58 +198,68 @@ class Objective:
         ``check`` is told the estimated seconds of each resize and of each layer (and band)
         of the network passes before they run; it raises to stop (a cancelled request), and
         is kept for :meth:`evaluate_terms`.
+
+        ``keep_pixels=False`` (ComputeLosses, which needs no start image and no colours)
+        leaves :attr:`contents` and :attr:`styles` empty, so that images whose targets are
+        cached are not even resized.
         """
         tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
         if size is None:
-            size = resize_long_side(contents[0] if contents else styles[0], options.size).size
+            first = contents[0] if contents else styles[0]
+            size = long_side_size(first.width, first.height, options.size)
         width, height = size
         side = style_side(width, height, options.style_scale)
 
-        def resized(image: Image.Image, to: int | tuple[int, int]) -> Image.Image:
+        def resized(image: Image.Image, to: tuple[int, int]) -> Image.Image:
             # Lanczos costs about 40 ns per source pixel on a CPU core.
             tick(image.width * image.height * 4e-8)
-            if isinstance(to, int):
-                return resize_long_side(image, to)
             return image.resize(to, Image.Resampling.LANCZOS) if image.size != to else image
 
-        styles = [resized(s, side) for s in styles]
+        style_sizes = [long_side_size(s.width, s.height, side) for s in styles]
         check_against_network(extractor, options, size, content=bool(contents),
-                              styles=[s.size for s in styles], output_field=output_field)
+                              styles=style_sizes, output_field=output_field)
 
         device = extractor.mean.device
         precision = resolve_precision(options.precision, device)
-        content_t = [to_tensor(resized(c, size), device) for c in contents]
-        style_t = [to_tensor(s, device) for s in styles]
+        content_t = [to_tensor(resized(c, size), device) for c in contents] if keep_pixels \
+            else []
+        style_t = [to_tensor(resized(s, to), device)
+                   for s, to in zip(styles, style_sizes, strict=True)] if keep_pixels else []
         content_layers = list(options.content_layers) if contents else []
         style_layers = list(options.style_layers) if styles else []
 
-        def targets(kind: str, image: Image.Image, pixels: torch.Tensor, layers: list[str],
-                    compute) -> dict[str, torch.Tensor]:
+        def targets(kind: str, index: int, layers: list[str], compute
+                    ) -> dict[str, torch.Tensor]:
+            image, to, kept = ((contents[index], size, content_t) if kind == "content"
+                               else (styles[index], style_sizes[index], style_t))
+
             def run() -> dict[str, torch.Tensor]:
+                pixels = kept[index] if kept else to_tensor(resized(image, to), device)
                 with torch.no_grad(), autocast(device, precision):
                     return compute(extractor(pixels, layers, check))
             if cache is None:
                 return run()
-            key = (kind, model_key, precision, image_digest(image),
-                   (pixels.shape[-1], pixels.shape[-2]), tuple(layers))
+            # The original image and the size it is resized to: a hit needs no resize.
+            key = (kind, model_key, precision, image_digest(image), tuple(to), tuple(layers))
             return cache.get_or_compute(key, run)
 
         content_loss = style_loss = None
         if content_layers:
-            feats = [targets("content", c, t, content_layers, lambda f: f)
-                     for c, t in zip(contents, content_t, strict=True)]
+            feats = [targets("content", i, content_layers, lambda f: f)
+                     for i in range(len(contents))]
             content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
                                      for n in content_layers}, options.content_layer_weights)
         if style_layers:
-            grams = [targets("style", s, t, style_layers,
+            grams = [targets("style", i, style_layers,
                              lambda f: {n: gram_target(v) for n, v in f.items()})
-                     for s, t in zip(styles, style_t, strict=True)]
+                     for i in range(len(styles))]
             style_loss = LayerSum({n: StyleLoss.from_grams([g[n] for g in grams], style_blend)
                                    for n in style_layers}, options.style_layer_weights)
         return cls(extractor, content_loss, style_loss, options.content_weight,
                    options.style_weight, options.tv_weight, precision, width, height,
-                   content_t, style_t, content_t[0] if options.preserve_colors else None,
+                   content_t, style_t,
+                   content_t[0] if options.preserve_colors and content_t else None,
                    check=check)
 
     @property

@@ -82,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"gradient  d total / d pixel, float32 {list(gradient.shape)}, L2 norm "
               f"{float(np.linalg.norm(gradient)):.6g}, max |g| {float(np.abs(gradient).max()):.6g}"
               f" -> {args.gradient}")
-    print(f"computed on {where} for a {report.width}x{report.height} candidate")
+    precision = f", {report.precision}" if report.precision else ""
+    print(f"computed on {where}{precision} for a {report.width}x{report.height} candidate")
     return EXIT_OK

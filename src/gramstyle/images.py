@@ -328,11 +328,15 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     return path
 
 
+def long_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) :func:`resize_long_side` gives a ``width`` x ``height`` image."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resize_long_side(image: Image.Image, size: int) -> Image.Image:
     """Resize so that the longer side is ``size`` pixels, keeping the aspect ratio."""
-    w, h = image.size
-    scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new == (w, h):
+    new = long_side_size(image.width, image.height, size)
+    if new == image.size:
         return image
     return image.resize(new, Image.Resampling.LANCZOS)
