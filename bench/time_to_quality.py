@@ -18,6 +18,7 @@ Configurations (``--configs``; see CONFIGS):
 - ``new``: today's defaults (``StyleOptions()``: precision auto, the default tolerance);
 - ``nostop``: the new defaults with tolerance 0, reported every iteration: the curve the
   tolerance table simulates the early stop on (how the default tolerance was chosen);
+- ``tol01``: the new defaults with ``--tolerance 0.01`` (the default before 0.0125);
 - ``scales2``, ``adam``, ``fp32stop``, ``nostop_h20``/``nostop_h100`` (the L-BFGS history):
   variants worth showing. (torch.compile of the extractor is measured by
   ``bench/gpu_check.py compile``: it did not win on the CPU, so it is no engine option.)
@@ -79,6 +80,7 @@ CONFIGS = {
     "old": Config("old default: fp32, 300 it, no early stop, history 100",
                   {"precision": "fp32", "iterations": 300, "tolerance": 0.0}, history=100),
     "new": Config("new default", {}),
+    "tol01": Config("new default with --tolerance 0.01", {"tolerance": 0.01}),
     "nostop": Config("new default without early stop", {"tolerance": 0.0}, every=1),
     "fp32stop": Config("fp32 with early stop", {"precision": "fp32"}),
     "scales2": Config("new default, --scales 2", {"scales": 2}),
@@ -255,7 +257,7 @@ def chart(rows: list[dict], path: Path) -> None:
                                                               4.2 * len(sizes)),
                              squeeze=False, constrained_layout=True)
     colours = dict(zip(CONFIGS, ("#555555", "#d62728", "#ff9896", "#1f77b4", "#2ca02c",
-                                 "#9467bd", "#e377c2", "#bcbd22"), strict=True))
+                                 "#9467bd", "#e377c2", "#bcbd22", "#ff7f0e"), strict=True))
     for row in rows:
         ax = axes[sizes.index(row["size"])][pairs.index(row["pair"])]
         for name, run in row["runs"].items():
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iterations", type=int, default=None,
                         help="cap every run's iterations (smoke tests)")
     parser.add_argument("--tolerances", type=float, nargs="+",
-                        default=[1e-2, 5e-3, 2e-3, 1e-3, 5e-4])
+                        default=[2e-2, 1.5e-2, 1.25e-2, 1e-2, 5e-3, 2e-3])
     parser.add_argument("--quiet-load", type=float, default=1.5)
     parser.add_argument("--max-wait", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/time_to_quality"),

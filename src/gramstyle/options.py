@@ -45,7 +45,7 @@ MIN_SCALE_SIZE = 32
 #: default was chosen with bench/time_to_quality.py (docs/benchmarks.md).
 CONVERGENCE_WINDOW = 20
 CONVERGENCE_CHECK_EVERY = 5
-DEFAULT_TOLERANCE = 1e-2
+DEFAULT_TOLERANCE = 0.0125
 
 #: Option kinds: how a value is checked, sent over the wire and given on the command line.
 #: int, float, bool: a scalar; choice: one of the names of a proto enum (``enum``);
