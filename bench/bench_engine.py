@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from machine import cpu_model, load1
 from PIL import Image
 
 from gramstyle import kernels
@@ -152,10 +153,6 @@ def compute_losses_through_service(engine: StyleTransfer, content: Image.Image,
     return out
 
 
-def load1() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -227,16 +224,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows,
                                           "compute_losses": losses}, indent=2))
     print(f"load {meta['load_before']:.2f} -> {meta['load_after']:.2f}; wrote {args.out}")
-
-
-def cpu_model() -> str:
-    import re
-
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from machine import cpu_model, load1
 from torch.profiler import ProfilerActivity, profile
 
 from gramstyle import kernels
@@ -53,18 +52,6 @@ OPS = {
                        "aten::max_pool2d_with_indices_backward", "aten::clamp_min"),
     "autocast copies": ("aten::_to_copy", "aten::copy_"),
 }
-
-
-def cpu_model() -> str:
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor()
-
-
-def load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def profile_run(engine: StyleTransfer, content, style, size: int, precision: str,
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": date.today().isoformat(), "cpu": cpu_model(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "kernel_backend": kernels.backend("cpu"), "arch": args.arch,
-            "weights": args.weights, "load_before": load()}
+            "weights": args.weights, "load_before": load1()}
     runs = []
     for precision in args.precisions:
         run = profile_run(engine, content, style, args.size, precision, args.iterations)
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for h, seconds in histories.items():
         print(f"L-BFGS update, full history {h:3d}, {args.size}x{height} px: "
               f"{seconds * 1e3:7.1f} ms")
-    meta["load_after"] = load()
+    meta["load_after"] = load1()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "runs": runs,
                                     "lbfgs_update_s": histories}, indent=2) + "\n")

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import sys
 import time
 from datetime import date
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_model, load1
 
 from gramstyle import kernels
 from gramstyle.images import load_image
@@ -90,21 +90,6 @@ CONFIGS = {
     "nostop_h100": Config("no early stop, L-BFGS history 100", {"tolerance": 0.0},
                           history=100, every=1),
 }
-
-
-def cpu_model() -> str:
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor()
-
-
-def load1() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
 
 
 def wait_for_quiet(limit: float, max_wait: float) -> float:
