@@ -574,6 +574,8 @@ def test_losses_agree_across_kernel_backends(images):
     ({"size": 100000}, r"size: must be an integer between 16 and 2048 pixels, got 100000"),
     ({"style_weight": -1.0}, r"style_weight: must be a finite number >= 0, got -1.0"),
     ({"content_weight": float("nan")}, r"content_weight: .* got nan"),
+    ({"tolerance": -0.1}, r"tolerance: must be a finite number >= 0, got -0.1"),
+    ({"tolerance": float("inf")}, r"tolerance: must be a finite number >= 0, got inf"),
     ({"style_layer_weights": (1, 1, float("nan"), 1, 1)},
      r"style_layer_weights\[2\]: must be a finite number >= 0, got nan"),
     ({"style_layers": ("relu1_1", "relu9_9")}, r"style_layers: unknown layer 'relu9_9'"),
