@@ -38,6 +38,8 @@ COPY src ./src
 COPY server ./server
 COPY kernels ./kernels
 COPY client ./client
+COPY engine ./engine
+COPY cli ./cli
 # A regular (not editable) install: the venv holds gramstyle and its compiled op, so the
 # source tree stays behind in this stage. Then drop what only the build needed.
 # DL3013 (pin pip versions) does not fit: "." is this source tree, and its dependencies are

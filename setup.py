@@ -7,7 +7,7 @@ The static metadata (name, version, extras, scripts, licence) and the package-di
 1. The gRPC/protobuf Python code is generated from ``proto/`` with grpcio-tools into
    ``src/gramstyle/v1`` (git-ignored; never edited by hand).
 2. The packages: every folder with an ``__init__.py`` under the mapped folders, so that a
-   new subpackage (e.g. ``client/cli/``) is installed without editing a list.
+   new subpackage (e.g. ``cli/``) is installed without editing a list.
 3. The fused Gram/style-loss operator (``gramstyle.kernels._C``) is compiled when torch is
    importable at build time -- see ``kernel_extensions`` below and the README's "Build" section.
 4. The install requirements (dynamic in pyproject.toml): grpcio and protobuf floors taken

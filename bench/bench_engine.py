@@ -30,9 +30,9 @@ from machine import cpu_model, load1
 from PIL import Image
 
 from gramstyle import kernels
+from gramstyle.engine import StyleTransfer
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server import StyleTransfer
 
 STYLE_LAYERS = (1, 6, 11, 20, 29)  # relu1_1 .. relu5_1 in vgg19().features
 CONTENT_LAYER = 22  # relu4_2

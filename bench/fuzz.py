@@ -364,7 +364,7 @@ def _rss(pid: int) -> int:
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     """``gramstyle serve`` with small limits on a free loopback port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gramstyle.client.cli", "serve", "--arch", "vgg19",
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--arch", "vgg19",
          "--weights", "random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
          "--max-size", "64", "--max-iterations", "3", "--max-pixels", str(512 * 512),
          "--log-level", "WARNING", *extra],

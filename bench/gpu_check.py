@@ -125,7 +125,7 @@ def cmd_rates(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace):
-    from gramstyle.server import StyleTransfer
+    from gramstyle.engine import StyleTransfer
 
     return StyleTransfer(arch=args.arch, weights=args.weights, device=args.device)
 
@@ -173,8 +173,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 def cmd_syncs(args: argparse.Namespace) -> int:
     """Count synchronising CUDA calls inside optimiser steps (torch's sync debug mode), or on
     the CPU the host reads of tensor values, which are what synchronise on CUDA."""
+    from gramstyle.engine import optimise as optimise_module
     from gramstyle.options import StyleOptions
-    from gramstyle.server import optimise as optimise_module
 
     engine = _engine(args)
     content, style = _images(args)
@@ -245,7 +245,7 @@ def cmd_syncs(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from gramstyle.server.objective import autocast
+    from gramstyle.engine.objective import autocast
 
     engine = _engine(args)
     layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "relu4_2")

@@ -160,7 +160,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "gramstyle.client.cli", "serve", "--arch", "vgg19",
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--arch", "vgg19",
          "--weights", "random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
          "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -33,10 +33,10 @@ from machine import cpu_model, load1
 from torch.profiler import ProfilerActivity, profile
 
 from gramstyle import kernels
+from gramstyle.engine import StyleTransfer
+from gramstyle.engine.lbfgs import LBFGS
 from gramstyle.images import load_image
 from gramstyle.options import StyleOptions
-from gramstyle.server import StyleTransfer
-from gramstyle.server.lbfgs import LBFGS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
 PHASES = ("gramstyle::forward", "gramstyle::backward", "gramstyle::lbfgs_update")

@@ -71,7 +71,7 @@ class Replica:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gramstyle.client.cli", "serve", "--host", "127.0.0.1",
+                [sys.executable, "-m", "gramstyle.cli", "serve", "--host", "127.0.0.1",
                  "--port", str(self.port), "--weights", "random", "--workers", "1",
                  "--queue-size", "8", "--grace", "30", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -51,6 +51,8 @@ import torch
 from machine import cpu_model, load1
 
 from gramstyle import kernels
+from gramstyle.engine import StyleTransfer
+from gramstyle.engine import optimise as optimise_module
 from gramstyle.images import load_image
 from gramstyle.options import (
     CONVERGENCE_CHECK_EVERY,
@@ -58,8 +60,6 @@ from gramstyle.options import (
     DEFAULT_TOLERANCE,
     StyleOptions,
 )
-from gramstyle.server import StyleTransfer
-from gramstyle.server import optimise as optimise_module
 
 SHARED = Path(os.environ.get("GRAMSTYLE_SHARED")
               or Path(__file__).resolve().parents[2] / "shared")

@@ -1,4 +1,4 @@
-"""The torch-free client library for the gramstyle gRPC service, and the ``gramstyle`` CLI.
+"""The torch-free client library for the gramstyle gRPC service (the CLI is :mod:`gramstyle.cli`).
 
     from gramstyle.client import Client
     with Client("localhost:50051") as client:

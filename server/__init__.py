@@ -1,22 +1,19 @@
-"""The style-transfer engine and the gRPC service around it.
+"""The gRPC service around the engine: servicer, serve, security, admission, the memory
+estimate, interceptors, metrics, status mapping, health and logs.
 
-Use the engine directly, without gRPC::
-
-    from gramstyle.server import StyleTransfer, StyleOptions
-    engine = StyleTransfer(arch="vgg16", weights="path/to/vgg16.pth")
-    result = engine.stylize(["content.png"], ["style.jpg"], StyleOptions(size=256))
-    result.image.save("out.png")
-
-The options and result types live in the torch-free :mod:`gramstyle.options` and
-:mod:`gramstyle.results` and are re-exported here for convenience. The names are imported
-lazily, so importing a light submodule of ``gramstyle.server`` does not load torch.
+The in-process engine is :mod:`gramstyle.engine`. ``from gramstyle.server import
+StyleTransfer`` (and the other engine names) still works for one release, as a deprecated
+alias that warns; import them from :mod:`gramstyle.engine` (and the option and result types
+from :mod:`gramstyle.options` and :mod:`gramstyle.results`).
 """
 
+import warnings
 from importlib import import_module
 
-_EXPORTS = {
-    "Cancelled": "gramstyle.server.engine",
-    "StyleTransfer": "gramstyle.server.engine",
+# Deprecated aliases, kept for one release (0.1.x): name -> the module that defines it now.
+_DEPRECATED = {
+    "Cancelled": "gramstyle.engine.stop",
+    "StyleTransfer": "gramstyle.engine.transfer",
     "StyleOptions": "gramstyle.options",
     "LossReport": "gramstyle.results",
     "Losses": "gramstyle.results",
@@ -26,9 +23,14 @@ _EXPORTS = {
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+    if name in _DEPRECATED:
+        module = _DEPRECATED[name]
+        public = "gramstyle.engine" if module.startswith("gramstyle.engine") else module
+        warnings.warn(
+            f"gramstyle.server.{name} is deprecated and will be removed in 0.2: "
+            f"import it from {public}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(module), name)
     raise AttributeError(f"module 'gramstyle.server' has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from gramstyle.engine.objective import style_side
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.options import StyleOptions, scale_sizes
-from gramstyle.server.objective import style_side
 
 #: Fixed cost of any request (allocator arenas, oneDNN scratch, stacks), bytes.
 OVERHEAD = 64 * 2**20
@@ -51,7 +51,7 @@ OVERHEAD = 64 * 2**20
 MARGIN = 1.25
 #: L-BFGS history pairs (each pair is two copies of the image); optimise.LBFGS_HISTORY.
 try:
-    from gramstyle.server.optimise import LBFGS_HISTORY
+    from gramstyle.engine.optimise import LBFGS_HISTORY
 except ImportError:  # pragma: no cover - an engine without the constant
     LBFGS_HISTORY = 100
 

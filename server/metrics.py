@@ -12,7 +12,7 @@ live in one process (the tests do this) without "duplicated timeseries" errors. 
 - ``gramstyle_memory_budget_bytes``: what they may add up to (``--memory-budget``);
 - ``gramstyle_iterations_total``: optimisation iterations run;
 - ``gramstyle_target_cache_hits_total`` / ``gramstyle_target_cache_misses_total``: lookups
-  of image targets in the engines' target caches (server/target_cache.py);
+  of image targets in the engines' target caches (engine/target_cache.py);
 - ``gramstyle_target_cache_bytes``: bytes those caches hold now.
 """
 

@@ -46,10 +46,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gramstyle import kernels
+from gramstyle.engine.target_cache import DEFAULT_TARGET_CACHE_MB, TargetCache
+from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import DEFAULT_MAX_PIXELS
 from gramstyle.options import MAX_ITERATIONS, MAX_SIZE
 from gramstyle.server.admission import WorkQueue
-from gramstyle.server.engine import StyleTransfer
 from gramstyle.server.interceptors import JsonFormatter, RequestLogInterceptor
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import (
@@ -59,7 +60,6 @@ from gramstyle.server.security import (
     check_plaintext_tokens,
 )
 from gramstyle.server.service import DEFAULT_MAX_IMAGES, SERVICE_NAME, StyleTransferService
-from gramstyle.server.target_cache import DEFAULT_TARGET_CACHE_MB, TargetCache
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

@@ -42,12 +42,12 @@ import grpc
 
 import gramstyle
 from gramstyle import codec
+from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import ImageHeader, probe_image
 from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
 from gramstyle.results import ModelInfo, ServerInfo
 from gramstyle.server import memory
 from gramstyle.server.admission import QueueFull, ShuttingDown, WorkQueue
-from gramstyle.server.engine import StyleTransfer
 from gramstyle.server.status import ModelNotLoaded, abort
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc

@@ -25,8 +25,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from gramstyle.codec import error_field
+from gramstyle.engine.stop import Cancelled
 from gramstyle.server.admission import QueueFull, ShuttingDown
-from gramstyle.server.engine import Cancelled
 from gramstyle.server.interceptors import (
     MalformedRequest,
     current_request_id,

@@ -54,7 +54,7 @@ def vgg16_weights() -> Path:
 @pytest.fixture(scope="session")
 def random_engine():
     """VGG19 with seeded random weights, on the CPU."""
-    from gramstyle.server import StyleTransfer
+    from gramstyle.engine import StyleTransfer
 
     return StyleTransfer(arch="vgg19", weights="random", device="cpu")
 
@@ -62,7 +62,7 @@ def random_engine():
 @pytest.fixture(scope="session")
 def hed_engine(vgg16_weights):
     """The shared, really trained VGG16 (HED backbone), on the CPU."""
-    from gramstyle.server import StyleTransfer
+    from gramstyle.engine import StyleTransfer
 
     return StyleTransfer(arch="vgg16", weights=str(vgg16_weights), device="cpu")
 

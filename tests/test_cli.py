@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gramstyle.client.cli import flag_message, main
+from gramstyle.cli import flag_message, main
 
 SMALL = ["--size", "64", "--iterations", "3", "--arch", "vgg19", "--weights", "random",
          "--device", "cpu", "--quiet"]
@@ -114,7 +114,7 @@ def test_info(capsys):
 
 
 def test_unexpected_errors_are_one_line_exit_1(monkeypatch, tmp_path, images, capsys):
-    import gramstyle.server.engine as engine
+    import gramstyle.engine.transfer as engine
 
     def out_of_memory(*args, **kwargs):
         import torch
@@ -165,7 +165,7 @@ def test_progress_sheet_frames_thinning_and_labels(tmp_path, images, monkeypatch
     the iteration its image is from (compared with the --save-every frames)."""
     import numpy as np
 
-    from gramstyle.client import progress_sheet
+    from gramstyle.cli import progress_sheet
 
     drawn = []
     draw = progress_sheet.draw_progress_sheet
@@ -204,7 +204,7 @@ def test_progress_sheet_frames_thinning_and_labels(tmp_path, images, monkeypatch
 
 
 def test_pick_frames_thins_evenly_keeping_first_and_last():
-    from gramstyle.client.progress_sheet import MAX_FRAMES, pick_frames
+    from gramstyle.cli.progress_sheet import MAX_FRAMES, pick_frames
 
     frames = [(i, None) for i in range(0, 110, 10)]  # 11 frames
     assert pick_frames(frames[:MAX_FRAMES]) == frames[:MAX_FRAMES]  # 8: all kept

@@ -8,7 +8,7 @@ import socket
 import pytest
 from PIL import Image
 
-from gramstyle.client.cli import main
+from gramstyle.cli import main
 from gramstyle.server.serve import GramstyleServer
 
 
@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def test_stylize_remote_writes_output_frames_and_sheet(target, images, tmp_path, capsys,
                                                        monkeypatch):
-    from gramstyle.client import progress_sheet
+    from gramstyle.cli import progress_sheet
 
     drawn = []
     draw = progress_sheet.draw_progress_sheet

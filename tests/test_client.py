@@ -23,9 +23,9 @@ from PIL import Image
 from gramstyle.client import AsyncClient, Client, ServiceError
 from gramstyle.client.channel import normalize_target, service_config
 from gramstyle.codec import losses_request, stylize_request
+from gramstyle.engine.stop import Cancelled
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server.engine import Cancelled
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -420,7 +420,7 @@ CLIENT_SCRIPT = textwrap.dedent("""
     import sys
     target, cat, starry, out = sys.argv[1:5]
     from gramstyle.client import AsyncClient, Client, ServiceError
-    from gramstyle.client import cli
+    from gramstyle import cli
     try:
         import torch  # noqa: F401
         raise SystemExit("torch should not be importable here")

@@ -15,12 +15,13 @@ import torchvision
 from PIL import Image
 
 from gramstyle import kernels
+from gramstyle.engine import StyleTransfer
+from gramstyle.engine.colour import keep_colours
+from gramstyle.engine.extractor import VGGFeatures, WeightsError, imagenet_weights_path
+from gramstyle.engine.objective import Objective
+from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server import StyleTransfer
-from gramstyle.server.colour import keep_colours, to_tensor
-from gramstyle.server.extractor import VGGFeatures, WeightsError, imagenet_weights_path
-from gramstyle.server.objective import Objective
 
 
 def small(path, size=64) -> Image.Image:
@@ -529,7 +530,7 @@ BACKEND_SCRIPT = """
 import json, sys
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server import StyleTransfer
+from gramstyle.engine import StyleTransfer
 candidate, content, style = sys.argv[1:4]
 engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
 # fp32: the default precision, auto, may pick bf16, whose rounding would swamp the comparison.

@@ -41,12 +41,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from gramstyle.cli import main
 from gramstyle.client import Client, ServiceError
-from gramstyle.client.cli import main
+from gramstyle.engine import bands, stop
+from gramstyle.engine.stop import Cancelled
 from gramstyle.images import ImageError, load_image, probe_image
-from gramstyle.server import bands
 from gramstyle.server.admission import QueueFull, WorkQueue
-from gramstyle.server.engine import Cancelled
 from gramstyle.server.interceptors import JsonFormatter
 from gramstyle.server.serve import GramstyleServer, default_metrics_host
 from gramstyle.server.status import MAX_STATUS_BYTES, cap_message
@@ -368,7 +368,7 @@ import numpy as np
 from PIL import Image
 from gramstyle.images import probe_image
 from gramstyle.options import StyleOptions
-from gramstyle.server.engine import StyleTransfer
+from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.server.memory import estimate_losses, estimate_stylize
 
 def status(key):
@@ -537,7 +537,7 @@ def test_banded_layers_match_whole_layers(random_engine, monkeypatch, precision)
 
 def test_stop_check_polls_by_work():
     polls = []
-    check = bands.StopCheck(lambda: polls.append(1) or len(polls) >= 3,
+    check = stop.StopCheck(lambda: polls.append(1) or len(polls) >= 3,
                             lambda: Cancelled("stop"), interval=0.05)
     for _ in range(4):
         check(0.01)  # 40 ms of work: no poll yet
@@ -835,7 +835,7 @@ def start_serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     """``gramstyle serve`` (random VGG16, CPU, loopback) in a subprocess; (process, port)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gramstyle.client.cli", "serve", "--arch", "vgg16", "--weights",
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--arch", "vgg16", "--weights",
          "random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     process.stderr_lines = []  # type: ignore[attr-defined]

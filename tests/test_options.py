@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gramstyle import codec
-from gramstyle.client.cli import build_parser
+from gramstyle.cli import build_parser
 from gramstyle.options import StyleOptions, enum_choices, flag_of, markdown_table
 from gramstyle.v1 import gramstyle_pb2 as pb
 

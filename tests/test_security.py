@@ -26,8 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gramstyle.cli import main
 from gramstyle.client import Client, ServiceError
-from gramstyle.client.cli import main
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.server import security
 from gramstyle.server.security import TlsFiles, TokenStore
@@ -509,7 +509,7 @@ def test_sighup_rotates_certificate_and_tokens_without_dropping_calls(
     key.write_bytes(pki.pem["server_key"])
     tokens.write_text(f"{TOKEN}\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gramstyle.client.cli", "serve", "--arch", "vgg16", "--weights",
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--arch", "vgg16", "--weights",
          "random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
          "--health-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,

@@ -45,9 +45,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from gramstyle.engine.stop import Cancelled
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server.engine import Cancelled
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -746,7 +746,7 @@ def serve_process(tmp_path: Path, *flags: str) -> Iterator[SimpleNamespace]:
     Nothing here waits without a timeout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gramstyle.client.cli", "serve", "--arch", "vgg16", "--weights",
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--arch", "vgg16", "--weights",
          "random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     stderr_lines: list[str] = []

@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 
 from gramstyle import codec
+from gramstyle.engine import optimise as optimise_module
+from gramstyle.engine import precision
+from gramstyle.engine.lbfgs import LBFGS
+from gramstyle.engine.optimise import Convergence
+from gramstyle.engine.stop import Cancelled
+from gramstyle.engine.target_cache import TargetCache, image_digest
+from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import CONVERGENCE_CHECK_EVERY, CONVERGENCE_WINDOW, StyleOptions
 from gramstyle.results import Losses, Progress, ServerInfo, StylizeResult
-from gramstyle.server import optimise as optimise_module
-from gramstyle.server import precision
-from gramstyle.server.engine import StyleTransfer
-from gramstyle.server.lbfgs import LBFGS
-from gramstyle.server.optimise import Cancelled, Convergence
 from gramstyle.server.serve import GramstyleServer
-from gramstyle.server.target_cache import TargetCache, image_digest
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -413,14 +414,14 @@ def test_service_reports_precision_stop_reason_and_cache_metrics(images):
 
 
 def test_serve_refuses_a_negative_cache_budget():
-    out = subprocess.run([sys.executable, "-m", "gramstyle.client.cli", "serve",
+    out = subprocess.run([sys.executable, "-m", "gramstyle.cli", "serve",
                           "--weights", "random", "--target-cache-mb", "-1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--target-cache-mb: must be >= 0, got -1" in out.stderr
 
 
 def test_info_names_the_precision_auto_picks():
-    out = subprocess.run([sys.executable, "-m", "gramstyle.client.cli", "info"],
+    out = subprocess.run([sys.executable, "-m", "gramstyle.cli", "info"],
                          capture_output=True, text=True, timeout=120, check=True)
     line = next(line for line in out.stdout.splitlines() if line.startswith("precision"))
     expected = precision.resolve_precision("auto", torch.device(

@@ -29,8 +29,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from gramstyle import codec
+from gramstyle.cli import main
 from gramstyle.client import AsyncClient, Client, ServiceError
-from gramstyle.client.cli import main
 from gramstyle.results import Losses, StylizeResult
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc

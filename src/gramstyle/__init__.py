@@ -2,10 +2,13 @@
 
 Subpackages:
 
-- ``gramstyle.server``  -- the style-transfer engine (torch) and the gRPC service around it;
+- ``gramstyle.engine``  -- the in-process style-transfer engine (torch), no gRPC;
+- ``gramstyle.server``  -- the gRPC service around the engine;
 - ``gramstyle.kernels`` -- the Gram-matrix / style-loss op (fused C++/CUDA, einsum fallback);
-- ``gramstyle.client``  -- the torch-free client library and the ``gramstyle`` CLI;
-- ``gramstyle.images``  -- image decoding, validation and encoding shared by all of the above;
+- ``gramstyle.client``  -- the torch-free client library;
+- ``gramstyle.cli``     -- the ``gramstyle`` command line (in-process, remote, serve);
+- ``gramstyle.options``, ``results``, ``images``, ``codec`` -- the torch-free core that all of
+  the above share (options, result types, image decoding/validation, proto conversion);
 - ``gramstyle.v1``      -- protobuf/gRPC stubs generated from ``proto/`` at build time.
 """
 

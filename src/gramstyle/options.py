@@ -8,7 +8,7 @@ derived from that declaration:
   and show the bad value, e.g. ``"iterations: must be between 1 and 10000, got 0"``;
 - the proto conversion (:mod:`gramstyle.codec`: an option travels in the request field of the
   same name);
-- the CLI flags (:mod:`gramstyle.client.cli.flags`);
+- the CLI flags (:mod:`gramstyle.cli.flags`);
 - the options table in ``docs/options.md`` (:func:`markdown_table`, checked by a test).
 
 Adding an option means: declare it here, add the proto field of the same name, and use it in

@@ -6,7 +6,7 @@ import argparse
 import platform
 
 from gramstyle import __version__
-from gramstyle.client.cli.flags import EXIT_OK, add_remote_flags, connect, refuse_remote_flags
+from gramstyle.cli.flags import EXIT_OK, add_remote_flags, connect, refuse_remote_flags
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.server:
-        from gramstyle.client.report import format_server_info
+        from gramstyle.cli.report import format_server_info
 
         with connect(args) as client:
             print(format_server_info(client.server_info(), client.target))
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     problem = kernels.load_error()
     if problem:
         print(f"          the compiled op did not load: {problem}")
-    from gramstyle.server import precision
+    from gramstyle.engine import precision
 
     where = torch.device("cuda" if cuda else "cpu")
     print(f"precision auto = {precision.resolve_precision('auto', where)} on {where.type} "

@@ -9,8 +9,8 @@ upsampled, and take up to ``options.iterations`` L-BFGS or Adam steps, clamping 
 see :class:`Convergence`). Progress is reported, and ``should_stop`` polled, between steps.
 
 Nothing in a step reads a value back to the host: the loss terms stay tensors
-(:class:`~gramstyle.server.objective.LossTerms`) and L-BFGS is the sync-free
-:class:`~gramstyle.server.lbfgs.LBFGS`. The loop fetches values -- in one transfer -- only
+(:class:`~gramstyle.engine.objective.LossTerms`) and L-BFGS is the sync-free
+:class:`~gramstyle.engine.lbfgs.LBFGS`. The loop fetches values -- in one transfer -- only
 when a progress report is due, and every ``CONVERGENCE_CHECK_EVERY`` steps for the
 convergence and divergence checks, so on CUDA the CPU queues steps ahead of the GPU.
 """
@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.profiler import record_function
 
+from gramstyle.engine.colour import output_image
+from gramstyle.engine.lbfgs import LBFGS
+from gramstyle.engine.objective import LossTerms, Objective, fetch
+from gramstyle.engine.stop import Cancelled
+from gramstyle.engine.tensors import to_image, to_tensor
 from gramstyle.options import (
     CONVERGENCE_CHECK_EVERY,
     CONVERGENCE_WINDOW,
@@ -33,9 +38,6 @@ from gramstyle.options import (
     scale_sizes,
 )
 from gramstyle.results import Losses, Progress
-from gramstyle.server.colour import output_image, to_image, to_tensor
-from gramstyle.server.lbfgs import LBFGS
-from gramstyle.server.objective import LossTerms, Objective, fetch
 
 #: Called with (iterations done over all scales, losses of the current image, preview).
 Report = Callable[[int, Losses, Image.Image | None], None]
@@ -45,17 +47,6 @@ Report = Callable[[int, Losses, Image.Image | None], None]
 #: image-sized vectors that every update reads twice: 100 pairs made the update a large part of
 #: an iteration and took 6.7 GB at 2048 px (docs/benchmarks.md).
 LBFGS_HISTORY = 20
-
-
-class Cancelled(Exception):
-    """Raised by :func:`optimise` (and ``StyleTransfer.stylize``) when ``should_stop()``
-    returned True. ``iterations``: the steps that had run, over all scales."""
-
-    stop_reason = "cancelled"
-
-    def __init__(self, message: str, iterations: int = 0):
-        super().__init__(message)
-        self.iterations = iterations
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gramstyle.client.cli.flags import (
+from gramstyle.cli.flags import (
     EXIT_FAILURE,
     EXIT_OK,
     CLIError,

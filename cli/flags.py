@@ -245,7 +245,7 @@ def load_engine(args: argparse.Namespace):
     """The in-process engine; the torch-based server extra is imported only here."""
     refuse_remote_flags(args)
     try:
-        from gramstyle.server.engine import StyleTransfer
+        from gramstyle.engine.transfer import StyleTransfer
     except ImportError as exc:
         raise CLIError(f"running in-process needs the server extra (pip install "
                        f"'gramstyle[server]'): {exc}; or pass --server HOST:PORT",

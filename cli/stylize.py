@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gramstyle import codec
-from gramstyle.client.cli.flags import (
+from gramstyle.cli.flags import (
     EXIT_OK,
     CLIError,
     add_model_flags,
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                                                progress=on_progress, preview=want_preview)
     save_image(result.image, output, "output")
     if args.progress_sheet:
-        from gramstyle.client.progress_sheet import save_progress_sheet
+        from gramstyle.cli.progress_sheet import save_progress_sheet
 
         label, source = ("content", args.content[0]) if args.content else ("style", args.style[0])
         if latest and (not frames or frames[-1][0] != latest[0][0]):

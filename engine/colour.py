@@ -1,4 +1,4 @@
-"""Pixels between PIL and torch, and colour preservation.
+"""Colour preservation: the stylised luminance with the content's chroma (YIQ).
 
 Tensors are float32 [1, 3, H, W], RGB in [0, 1]; images are PIL RGB.
 """
@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+from gramstyle.engine.tensors import to_image
 
 # RGB <-> YIQ, for colour preservation (luminance-only transfer).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
                             [0.596, -0.274, -0.322],
                             [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
-
-
-def to_tensor(image: Image.Image, device: torch.device | str) -> torch.Tensor:
-    """PIL RGB -> float32 [1, 3, H, W] in [0, 1] on ``device``."""
-    return (pil_to_tensor(image).float() / 255).unsqueeze(0).to(device)
-
-
-def to_image(tensor: torch.Tensor) -> Image.Image:
-    """[1, 3, H, W] (any range, any dtype) -> PIL RGB, clamped to [0, 1] first."""
-    return to_pil_image(tensor.detach()[0].float().clamp(0, 1).cpu())
 
 
 def keep_colours(stylized: torch.Tensor, content: torch.Tensor) -> torch.Tensor:

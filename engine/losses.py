@@ -15,7 +15,7 @@ A blend of targets is evaluated with one kernel call per layer against a weighte
 target plus a constant (see :class:`BlendedTarget`), so several styles cost no more than one.
 
 Each loss is a small callable on one layer's features; :class:`LayerSum` combines one per
-layer, and :class:`gramstyle.server.objective.Objective` weighs content, style and tv.
+layer, and :class:`gramstyle.engine.objective.Objective` weighs content, style and tv.
 """
 
 from __future__ import annotations

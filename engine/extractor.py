@@ -20,8 +20,8 @@ import torch
 import torchvision
 from torch import nn
 
+from gramstyle.engine.bands import run_layer
 from gramstyle.options import ARCHS, POOLINGS, check_choice, preview
-from gramstyle.server.bands import run_layer
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class VGGFeatures(nn.Module):
 
         Runs the network only up to the deepest requested layer. ``check`` is told the
         estimated seconds of each layer, of each band of a large layer, and of their
-        backward passes, before they run (:func:`gramstyle.server.bands.run_layer`); it
+        backward passes, before they run (:func:`gramstyle.engine.bands.run_layer`); it
         raises to stop a cancelled request within a fraction of a second.
         """
         wanted = {self._index[self.resolve(name)] for name in layers}

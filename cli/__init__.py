@@ -24,8 +24,8 @@ import sys
 from collections.abc import Sequence
 
 from gramstyle import __version__
-from gramstyle.client.cli import health, info, losses, serve, stylize
-from gramstyle.client.cli.flags import (
+from gramstyle.cli import health, info, losses, serve, stylize
+from gramstyle.cli.flags import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,

@@ -11,11 +11,11 @@ The engine is thread-safe: the network is frozen and each call keeps its own sta
 
 :class:`StyleTransfer` is the facade over the parts:
 
-- :mod:`gramstyle.server.extractor`: the frozen VGG and its layer names;
-- :mod:`gramstyle.server.losses`: content, style (Gram) and tv losses of one layer;
-- :mod:`gramstyle.server.objective`: the checks against the network, the targets, the loss;
-- :mod:`gramstyle.server.optimise`: start image, scales, L-BFGS/Adam, progress, cancelling;
-- :mod:`gramstyle.server.colour`: PIL <-> tensor pixels and colour preservation.
+- :mod:`gramstyle.engine.extractor`: the frozen VGG and its layer names;
+- :mod:`gramstyle.engine.losses`: content, style (Gram) and tv losses of one layer;
+- :mod:`gramstyle.engine.objective`: the checks against the network, the targets, the loss;
+- :mod:`gramstyle.engine.optimise`: start image, scales, L-BFGS/Adam, progress, cancelling;
+- :mod:`gramstyle.engine.colour`: PIL <-> tensor pixels and colour preservation.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ import torch
 from PIL import Image
 
 from gramstyle import kernels
+from gramstyle.engine import precision as _precision
+from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.engine.objective import Objective, check_against_network
+from gramstyle.engine.optimise import optimise
+from gramstyle.engine.stop import Cancelled, StopCheck
+from gramstyle.engine.target_cache import TargetCache
+from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from gramstyle.options import DEVICES, MAX_ITERATIONS, MAX_SIZE, StyleOptions, check_choice
 from gramstyle.results import LossReport, Progress, StylizeResult
-from gramstyle.server import precision as _precision
-from gramstyle.server.bands import StopCheck
-from gramstyle.server.colour import to_tensor
-from gramstyle.server.extractor import VGGFeatures
-from gramstyle.server.objective import Objective, check_against_network
-from gramstyle.server.optimise import Cancelled, optimise
-from gramstyle.server.target_cache import TargetCache
 
 #: Tells engines apart in a shared target cache's keys.
 _ENGINE_IDS = itertools.count()
@@ -74,7 +74,7 @@ def _checker(should_stop: Callable[[], bool] | None) -> StopCheck | None:
     """A check that raises :class:`Cancelled` once ``should_stop()`` is True. Every stage
     announces its work to it -- decoding and resizing images, each network layer, each band
     of a large layer, forward and backward -- and it polls ``should_stop`` whenever that adds
-    up to a twentieth of a second (:class:`gramstyle.server.bands.StopCheck`): a stop is seen
+    up to a twentieth of a second (:class:`gramstyle.engine.stop.StopCheck`): a stop is seen
     within a fraction of a second at any stage, while small images are polled once per
     optimisation step, as before."""
     if should_stop is None:
@@ -94,7 +94,7 @@ class StyleTransfer:
         max_pixels: largest allowed width*height of any input image (checked before decoding).
         seed: seed of the random weights (``weights='random'``).
         target_cache: where the content features and style Gram targets of each image are
-            kept across calls (:mod:`gramstyle.server.target_cache`); several engines may
+            kept across calls (:mod:`gramstyle.engine.target_cache`); several engines may
             share one. Default: a private cache of ``DEFAULT_TARGET_CACHE_MB`` MiB;
             ``TargetCache(0)`` turns caching off.
     """
@@ -146,7 +146,7 @@ class StyleTransfer:
     @property
     def auto_precision(self) -> str:
         """What precision 'auto' (the default) runs in on this engine's device: 'bf16' where
-        the hardware runs bf16 natively, else 'fp32' (:mod:`gramstyle.server.precision`)."""
+        the hardware runs bf16 natively, else 'fp32' (:mod:`gramstyle.engine.precision`)."""
         return _precision.resolve_precision("auto", self.device)
 
     @property

@@ -19,9 +19,8 @@ computation up to floating-point summation order. Layers that are neither a stri
 convolution, a ReLU, nor a pooling with kernel == stride run whole.
 
 ``check`` takes the estimated seconds of the work about to start (:data:`MAC_SECONDS`,
-:data:`ELEMENT_SECONDS`, a two-core CPU's pace). :class:`StopCheck` polls the caller's
-``should_stop`` only once that work adds up to :data:`POLL_SECONDS`, so small images are
-polled once per optimisation step, as before, and large ones every fraction of a second.
+:data:`ELEMENT_SECONDS`, a two-core CPU's pace); :class:`gramstyle.engine.stop.StopCheck`
+turns that into polls of the caller's ``should_stop``.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gramstyle.engine.stop import Check
+
 #: Seconds per multiply-add of a convolution on two CPU cores (measured: a 1024 px VGG
 #: conv1_2, 39 G multiply-adds, takes 0.8 s).
 MAC_SECONDS = 1 / 45e9
@@ -40,33 +41,6 @@ MAC_SECONDS = 1 / 45e9
 ELEMENT_SECONDS = 4e-9
 #: Work per band: a stop is seen well within a second.
 BAND_SECONDS = 0.2
-#: Work between two polls of ``should_stop``.
-POLL_SECONDS = 0.05
-
-#: ``check(seconds)``: the estimated seconds of the work about to start; may raise to stop.
-Check = Callable[[float], None]
-
-
-class StopCheck:
-    """A :data:`Check` over a caller's ``should_stop``: polls it once the work announced
-    since the last poll adds up to ``interval`` seconds, and raises ``error()`` when it says
-    stop. :meth:`poll` polls at once (and starts a new interval)."""
-
-    def __init__(self, should_stop: Callable[[], bool], error: Callable[[], BaseException],
-                 interval: float = POLL_SECONDS):
-        self._should_stop, self._error, self._interval = should_stop, error, interval
-        self._pending = 0.0
-
-    def poll(self) -> bool:
-        """``should_stop()``, starting a new interval."""
-        self._pending = 0.0
-        return bool(self._should_stop())
-
-    def __call__(self, seconds: float = math.inf) -> None:
-        self._pending += seconds
-        if self._pending >= self._interval and self.poll():
-            raise self._error()
-
 
 def _same_conv(module: nn.Module) -> bool:
     """A stride-1, dilation-1, ungrouped convolution whose padding keeps the size."""
@@ -197,5 +171,5 @@ def run_layer(module: nn.Module, x: torch.Tensor, check: Check | None) -> torch.
     return module(x)
 
 
-__all__ = ["BAND_SECONDS", "ELEMENT_SECONDS", "MAC_SECONDS", "POLL_SECONDS", "Check",
-           "StopCheck", "run_layer"]
+__all__ = ["BAND_SECONDS", "ELEMENT_SECONDS", "MAC_SECONDS",
+           "run_layer"]

@@ -15,7 +15,7 @@ import argparse
 import os
 from collections.abc import Mapping
 
-from gramstyle.client.cli.flags import CLIError
+from gramstyle.cli.flags import CLIError
 
 PREFIX = "GRAMSTYLE_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

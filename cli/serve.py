@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from gramstyle.client.cli.envflags import add_env_variables, apply_env
-from gramstyle.client.cli.flags import (
+from gramstyle.cli.envflags import add_env_variables, apply_env
+from gramstyle.cli.flags import (
     EXIT_FAILURE,
     CLIError,
     add_model_flags,

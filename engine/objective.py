@@ -6,9 +6,9 @@
 
     total(x) = content_weight * content(x) + style_weight * style(x) + tv_weight * tv(x)
 
-with the terms of :mod:`gramstyle.server.losses`. An :class:`Objective` is plain data (the
+with the terms of :mod:`gramstyle.engine.losses`. An :class:`Objective` is plain data (the
 loss modules, their weights, the pixels they were built from); building one runs the network
-on the targets once (or takes them from a :class:`~gramstyle.server.target_cache.TargetCache`),
+on the targets once (or takes them from a :class:`~gramstyle.engine.target_cache.TargetCache`),
 evaluating it runs the network on ``x``.
 
 The checks that need the network live here, in :func:`check_against_network`; the options'
@@ -25,19 +25,19 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.engine.losses import ContentLoss, LayerSum, StyleLoss, gram_target, tv_loss
+from gramstyle.engine.precision import resolve_precision
+from gramstyle.engine.target_cache import TargetCache, image_digest
+from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import long_side_size
 from gramstyle.options import StyleOptions, check_weights
 from gramstyle.results import Losses
-from gramstyle.server.colour import to_tensor
-from gramstyle.server.extractor import VGGFeatures
-from gramstyle.server.losses import ContentLoss, LayerSum, StyleLoss, gram_target, tv_loss
-from gramstyle.server.precision import resolve_precision
-from gramstyle.server.target_cache import TargetCache, image_digest
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The network's precision: bf16 autocast for 'bf16', nothing for 'fp32' (resolve 'auto'
-    first: :func:`gramstyle.server.precision.resolve_precision`)."""
+    first: :func:`gramstyle.engine.precision.resolve_precision`)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -174,7 +174,7 @@ class Objective:
     #: The pixels whose colours (chroma) the output keeps, or None to keep its own.
     colours_of: torch.Tensor | None = None
     #: Called between network layers (and bands of large ones, forward and backward); it
-    #: raises to stop a cancelled request (see :func:`gramstyle.server.bands.run_layer`).
+    #: raises to stop a cancelled request (see :func:`gramstyle.engine.bands.run_layer`).
     check: Callable[[float], None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -193,7 +193,7 @@ class Objective:
 
         With ``cache``, each image's targets are looked up there first (and stored after a
         miss) under ``model_key`` (what identifies the network; see
-        :mod:`gramstyle.server.target_cache` for the whole key).
+        :mod:`gramstyle.engine.target_cache` for the whole key).
 
         ``check`` is told the estimated seconds of each resize and of each layer (and band)
         of the network passes before they run; it raises to stop (a cancelled request), and

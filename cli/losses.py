@@ -6,7 +6,7 @@ import argparse
 import io
 from pathlib import Path
 
-from gramstyle.client.cli.flags import (
+from gramstyle.cli.flags import (
     EXIT_FAILURE,
     EXIT_OK,
     CLIError,
@@ -18,7 +18,7 @@ from gramstyle.client.cli.flags import (
     given_options,
     load_engine,
 )
-from gramstyle.client.report import format_losses
+from gramstyle.cli.report import format_losses
 from gramstyle.images import load_image, write_bytes_atomic
 from gramstyle.options import StyleOptions
 
