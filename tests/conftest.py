@@ -1,10 +1,21 @@
-"""Shared fixtures: the shared test images and weights, engines loaded once per session, and a
-spy at the engine boundary (what the gRPC servicer passes to the engine, and when it stops)."""
+"""Shared fixtures and helpers, defined once for the whole suite:
+
+- the shared test images and weights, and engines loaded once per session;
+- small test images: :func:`shrink`, :func:`encode`, :func:`png`, :func:`small_png`, :func:`noise`
+  (test modules import them with ``from conftest import ...``);
+- in-process servers: :func:`build_server` and the module-scoped ``server`` fixture (a module
+  sets ``SERVER_ENGINES`` / ``SERVER_SETTINGS`` to change what it serves);
+- a spy at the engine boundary (what the gRPC servicer passes to the engine, and when it stops).
+
+Tests follow the packages: ``core/`` (options, images, codec), ``engine/``, ``kernels/``,
+``server/`` (service, security, hardening, fuzz, replicas), ``client/`` and ``cli/``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import os
 import threading
 import time
@@ -13,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +78,72 @@ def hed_engine(vgg16_weights):
     from gramstyle.engine import StyleTransfer
 
     return StyleTransfer(arch="vgg16", weights=str(vgg16_weights), device="cpu")
+
+
+# ------------------------------------------------------------------------- small test images
+
+
+def shrink(path: Path | str, size: int = 64) -> Image.Image:
+    """The image at ``path`` decoded as the service does, its long side resized to ``size`` px."""
+    from gramstyle.images import load_image, resize_long_side
+
+    return resize_long_side(load_image(path), size)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: Any) -> bytes:
+    """``image`` encoded as ``fmt`` (a Pillow format name); ``kwargs`` go to ``Image.save``."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of a PIL image or of a uint8-valued [H, W, 3] array."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    return encode(image, "PNG")
+
+
+def small_png(path: Path | str, size: int = 64) -> bytes:
+    """PNG bytes of :func:`shrink` (``path``, ``size``)."""
+    return png(shrink(path, size))
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Uniform RGB noise, ``width`` x ``height`` px, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+#: A tiny Encapsulated PostScript file: a format Pillow knows (through Ghostscript) and that
+#: gramstyle's allowlist must refuse.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
+
+
+# ------------------------------------------------------------------------ in-process servers
+
+
+def build_server(engines: list, **settings: Any):
+    """An in-process ``GramstyleServer`` (not started) over ``engines``, on 127.0.0.1 and an
+    ephemeral port unless ``settings`` say otherwise; ``settings`` are server settings
+    (workers, queue_size, max_images, ...)."""
+    from gramstyle.server.serve import GramstyleServer
+
+    return GramstyleServer(list(engines), **{"host": "127.0.0.1", "port": 0, **settings})
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest):
+    """The test module's started server, stopped after the module. It serves the engine
+    fixtures named in the module's ``SERVER_ENGINES`` (default: the random VGG19) with one
+    worker and one queue slot, so that admission tests are exact, updated by the module's
+    ``SERVER_SETTINGS``."""
+    names = getattr(request.module, "SERVER_ENGINES", ("random_engine",))
+    engines = [request.getfixturevalue(name) for name in names]
+    settings = {"workers": 1, "queue_size": 1, **getattr(request.module, "SERVER_SETTINGS", {})}
+    srv = build_server(engines, **settings).start()
+    yield srv
+    srv.stop(grace=None)
 
 
 # ------------------------------------------------------------------ a spy at the engine boundary

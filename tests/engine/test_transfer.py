@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import shrink
 from PIL import Image
 
 from gramstyle import kernels
@@ -22,10 +23,6 @@ from gramstyle.engine.objective import Objective
 from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-
-
-def small(path, size=64) -> Image.Image:
-    return resize_long_side(load_image(path), size)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -52,7 +49,7 @@ def test_the_image_is_the_variable(random_engine, images):
     that gradient has a closed form, computed here independently: tv = mean(dy^2) +
     mean(dx^2), so each difference d = x[k+1] - x[k] adds 2 d / count(d) to x[k+1] and
     subtracts it from x[k]."""
-    candidate = small(images["coffee"], 24)
+    candidate = shrink(images["coffee"], 24)
     report = random_engine.compute_losses(
         candidate, [images["cat"]], [],
         StyleOptions(content_weight=0, style_weight=0, tv_weight=2.5, precision="fp32"),
@@ -201,7 +198,7 @@ def test_imagenet_unavailable_names_file_and_alternatives(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_inversion_through_relu1_1_of_random_vgg19(random_engine, images):
     """The lecture's RandomNet experiment: noise -> relu1_1 features -> the image again."""
-    target = small(images["cat"])
+    target = shrink(images["cat"], 64)
     options = StyleOptions(size=64, content_layers=("relu1_1",), style_weight=0, init="noise",
                            iterations=100)
     result = random_engine.stylize([target], [], options)
@@ -212,7 +209,7 @@ def test_inversion_through_relu1_1_of_random_vgg19(random_engine, images):
 @pytest.mark.slow
 def test_deep_layers_lose_detail(random_engine, images):
     """Shallow layers reproduce the image almost exactly; deeper ones less so."""
-    target = small(images["cat"])
+    target = shrink(images["cat"], 64)
     quality = {}
     for layer in ("relu1_1", "relu3_1"):
         options = StyleOptions(size=64, content_layers=(layer,), style_weight=0, init="noise",
@@ -251,8 +248,8 @@ def test_adam_and_bf16_reduce_the_loss(random_engine, images):
 @pytest.mark.slow
 def test_two_content_targets(random_engine, images):
     """One image pulled toward two targets ends nearer to each than to an unrelated image."""
-    a, b = small(images["cat"]), small(images["coffee"]).resize((64, 43))
-    unrelated = small(images["rocket"]).resize((64, 43))
+    a, b = shrink(images["cat"], 64), shrink(images["coffee"], 64).resize((64, 43))
+    unrelated = shrink(images["rocket"], 64).resize((64, 43))
     options = StyleOptions(size=64, content_layers=("relu2_1",), style_weight=0, init="noise",
                            iterations=60, content_blend_weights=(0.5, 0.5))
     out = random_engine.stylize([a, b], [], options).image
@@ -264,10 +261,10 @@ def test_two_content_targets(random_engine, images):
 def test_blended_styles_match_per_style_losses(hed_engine, images):
     """The blended style loss equals the weighted sum of the per-style losses."""
     cat, starry, scream = images["cat"], images["starry"], images["scream"]
-    single = {s: hed_engine.compute_losses(small(cat), [cat], [s], StyleOptions(size=64))
+    single = {s: hed_engine.compute_losses(shrink(cat, 64), [cat], [s], StyleOptions(size=64))
               .losses.style for s in (starry, scream)}
     blend = hed_engine.compute_losses(
-        small(cat), [cat], [starry, scream],
+        shrink(cat, 64), [cat], [starry, scream],
         StyleOptions(size=64, style_blend_weights=(0.25, 0.75))).losses.style
     assert blend == pytest.approx(0.25 * single[starry] + 0.75 * single[scream], rel=1e-4)
 
@@ -277,7 +274,7 @@ def test_several_styles_optimise_toward_the_blend(hed_engine, images):
     options = StyleOptions(size=48, iterations=15, style_blend_weights=(1, 1))
     styles = [images["starry"], images["scream"]]
     result = hed_engine.stylize([images["cat"]], styles, options)
-    before = hed_engine.compute_losses(small(images["cat"], 48), [images["cat"]], styles,
+    before = hed_engine.compute_losses(shrink(images["cat"], 48), [images["cat"]], styles,
                                        options).losses.style
     assert result.losses.style < 0.7 * before
 
@@ -318,7 +315,7 @@ def test_init_style_and_image(random_engine, images):
     size * style_scale), stretched to the output size; init 'image' from the init image
     resized to the output size. The first progress image is that start."""
     style_as_used = resize_long_side(load_image(images["starry"]), 40)
-    content = pixels(small(images["cat"], 40))
+    content = pixels(shrink(images["cat"], 40))
     for init, start, extra in (("style", style_as_used, {}),
                                ("image", load_image(images["coffee"]),
                                 {"init_image": images["coffee"]})):
@@ -351,7 +348,7 @@ def test_preserve_colors_keeps_content_chroma(random_engine, images):
                                   StyleOptions(**common)).image
     kept = random_engine.stylize([images["cat"]], [images["starry"]],
                                  StyleOptions(**common, preserve_colors=True)).image
-    content = small(images["cat"], 48)
+    content = shrink(images["cat"], 48)
     assert kept.size == plain.size == content.size
     # Apart from 8-bit rounding and the few pixels the recombination clips to [0, 1].
     assert np.abs(yiq(kept)[..., 1:] - yiq(content)[..., 1:]).mean() < 0.005
@@ -365,7 +362,7 @@ def test_preserve_colors_keeps_content_chroma(random_engine, images):
 def test_style_scale_changes_style_target(random_engine, images):
     def style_loss(scale):
         return random_engine.compute_losses(
-            small(images["cat"]), [images["cat"]], [images["starry"]],
+            shrink(images["cat"], 64), [images["cat"]], [images["starry"]],
             StyleOptions(style_scale=scale)).losses.style
     assert style_loss(0.5) != pytest.approx(style_loss(2.0), rel=1e-3)
 
@@ -373,7 +370,7 @@ def test_style_scale_changes_style_target(random_engine, images):
 def test_style_scale_sets_the_style_size_the_network_sees(random_engine, images):
     """The style image reaches the network at long side max(candidate) * style_scale, and the
     Gram target comes from that resized image."""
-    candidate = small(images["cat"])  # 64x43
+    candidate = shrink(images["cat"], 64)  # 64x43
     # A style image made here (120x90), so no target computed by another test is reused.
     style = Image.fromarray(np.random.default_rng(5).integers(0, 256, (90, 120, 3),
                                                                dtype=np.uint8))
@@ -401,7 +398,7 @@ def test_style_scale_sets_the_style_size_the_network_sees(random_engine, images)
 
 
 def test_compute_losses_gradient_matches_finite_difference(random_engine, images):
-    candidate = small(images["coffee"], 32)
+    candidate = shrink(images["coffee"], 32)
     options = StyleOptions(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
     report = random_engine.compute_losses(candidate, [images["cat"]], [images["starry"]],
                                           options, gradient=True)
@@ -457,10 +454,10 @@ def test_relative_losses_match_their_formulas(random_engine, images):
 
     # Inputs already at the sizes the engine uses (contents at the candidate's size, styles
     # at its long side), so no resampling stands between the engine and this test.
-    candidate = small(images["rocket"], 32).resize((32, 24))
-    contents = [small(images["cat"], 32).resize((32, 24)), small(images["coffee"], 32).resize(
+    candidate = shrink(images["rocket"], 32).resize((32, 24))
+    contents = [shrink(images["cat"], 32).resize((32, 24)), shrink(images["coffee"], 32).resize(
         (32, 24))]
-    styles = [small(images["starry"], 32), small(images["scream"], 32)]
+    styles = [shrink(images["starry"], 32), shrink(images["scream"], 32)]
     layers, layer_w = ("relu1_1", "relu2_1"), {"content": (1.0, 3.0), "style": (2.0, 1.0)}
     blend = {"content": (1.0, 2.0), "style": (3.0, 1.0)}
     options = StyleOptions(content_layers=layers, content_layer_weights=layer_w["content"],
@@ -523,7 +520,7 @@ def test_each_scale_starts_from_the_previous_result_upsampled(random_engine, ima
     assert np.abs(start - upsampled(coarse)).max() < 3 / 255
     # ... and far from a restart: the first scale's noise start, or the content image.
     assert np.abs(start - upsampled(seen[0].image)).mean() > 0.02
-    assert np.abs(start - pixels(small(images["cat"]))).mean() > 0.1
+    assert np.abs(start - pixels(shrink(images["cat"], 64))).mean() > 0.1
 
 
 BACKEND_SCRIPT = """
@@ -636,7 +633,7 @@ def test_image_over_pixel_limit_rejected_before_decoding(images):
 ])
 def test_more_bad_options(random_engine, images, kwargs, message):
     kwargs = dict(kwargs)  # the parametrize dict is shared: never mutate it
-    content = {"wide": small(images["cat"]).resize((48, 12))}.get(kwargs.pop("content", None),
+    content = {"wide": shrink(images["cat"], 64).resize((48, 12))}.get(kwargs.pop("content", None),
                                                                   images["cat"])
     with pytest.raises(ValueError, match=message):
         random_engine.stylize([content], [images["starry"]], StyleOptions(iterations=1, **kwargs))
@@ -658,11 +655,11 @@ def test_candidate_too_small_for_deep_layers(random_engine, images):
 
 def test_compute_losses_checks_style_scale_against_the_candidate(random_engine, images):
     # 64 px candidate * 5 = 320 px style: fine, although 512 (the default size) * 5 is not.
-    report = random_engine.compute_losses(small(images["cat"]), [images["cat"]],
+    report = random_engine.compute_losses(shrink(images["cat"], 64), [images["cat"]],
                                           [images["starry"]], StyleOptions(style_scale=5))
     assert report.losses.style > 0
     with pytest.raises(ValueError, match=r"style_scale: .* got 40"):
-        random_engine.compute_losses(small(images["cat"]), [images["cat"]],
+        random_engine.compute_losses(shrink(images["cat"], 64), [images["cat"]],
                                      [images["starry"]], StyleOptions(style_scale=40))
 
 
@@ -673,8 +670,8 @@ def test_init_defaults_and_init_image(random_engine, images):
                               progress=seen.append, **kwargs)
         return pixels(seen[0].image)
 
-    coffee = pixels(small(images["coffee"], 32).resize((32, 21)))
-    cat = pixels(small(images["cat"], 32))
+    coffee = pixels(shrink(images["coffee"], 32).resize((32, 21)))
+    cat = pixels(shrink(images["cat"], 32))
     # Unset init: the init image when one is given, else the content image.
     assert np.abs(start(StyleOptions(size=32, iterations=1), init_image=images["coffee"])
                   - coffee).mean() < 0.02
@@ -714,9 +711,9 @@ def test_divergence_is_a_clear_error(random_engine, images):
 
 def test_candidate_over_max_size(random_engine, images, monkeypatch):
     monkeypatch.setattr(random_engine, "max_size", 64)
-    assert random_engine.compute_losses(small(images["cat"], 64), [images["cat"]],
+    assert random_engine.compute_losses(shrink(images["cat"], 64), [images["cat"]],
                                         [images["starry"]]).width == 64
     with pytest.raises(ValueError, match=r"^candidate: long side 65 px is over the limit of "
                                          r"64 px"):
-        random_engine.compute_losses(small(images["cat"], 65), [images["cat"]],
+        random_engine.compute_losses(shrink(images["cat"], 65), [images["cat"]],
                                      [images["starry"]])

@@ -5,7 +5,6 @@ generated here with ``cryptography``; in-process servers share the session's ran
 from __future__ import annotations
 
 import datetime
-import io
 import ipaddress
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import build_server, small_png
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,14 +28,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gramstyle.cli import main
 from gramstyle.client import Client, ServiceError
-from gramstyle.images import load_image, resize_long_side
 from gramstyle.server import security
 from gramstyle.server.security import TlsFiles, TokenStore
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVICE = "gramstyle.v1.StyleTransferService"
 TOKEN = "9f2c41d7e0b85a63c1d9e4f7a2b60c38"
 OTHER_TOKEN = "71e5a0c9d3f84b26e8a1c07d5b9f3e42"
@@ -171,16 +170,10 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     return caught.value
 
 
-def small_png(path: Path, size: int = 48) -> bytes:
-    buffer = io.BytesIO()
-    resize_long_side(load_image(path), size).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def long_stylize(images) -> pb.StylizeRequest:
     """A run that goes on until it is cancelled, reporting every iteration."""
-    return pb.StylizeRequest(content=[pb.WeightedImage(data=small_png(images["cat"]))],
-                             style=[pb.WeightedImage(data=small_png(images["starry"]))],
+    return pb.StylizeRequest(content=[pb.WeightedImage(data=small_png(images["cat"], 48))],
+                             style=[pb.WeightedImage(data=small_png(images["starry"], 48))],
                              size=48, iterations=10_000, progress_every=1)
 
 
@@ -190,8 +183,7 @@ def make_server(random_engine):
     started: list[GramstyleServer] = []
 
     def make(**kwargs) -> GramstyleServer:
-        server = GramstyleServer([random_engine], host="127.0.0.1", port=0,
-                                 **kwargs).start()
+        server = build_server([random_engine], **kwargs).start()
         started.append(server)
         return server
 

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from conftest import build_server, png, small_png
 from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -52,40 +53,22 @@ from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
+#: The conftest ``server`` (one worker, one queue slot): the random VGG19 is the default
+#: model (fast); the HED VGG16 is selectable by its file name.
+SERVER_ENGINES = ("random_engine", "hed_engine")
+
 SERVICE = "gramstyle.v1.StyleTransferService"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: A run that goes on until it is stopped (deadline, cancel, shutdown): 10 000 iterations and,
 #: where the option exists, no early stop on convergence (tolerance 0).
 LONG = {"iterations": 10_000,
         **({"tolerance": 0.0} if "tolerance" in StyleOptions.__dataclass_fields__ else {})}
 
 
-def png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def small(path: Path, size: int = 64) -> bytes:
-    return png(resize_long_side(load_image(path), size))
-
-
 @pytest.fixture(scope="module")
 def data(images) -> dict[str, bytes]:
-    return {"cat": small(images["cat"]), "starry": small(images["starry"]),
-            "coffee": small(images["coffee"]), "cat_full": images["cat"].read_bytes()}
-
-
-@pytest.fixture(scope="module")
-def server(random_engine, hed_engine):
-    """One worker and one queue slot, so the admission tests are exact. Default model: the
-    random VGG19 (fast); the HED VGG16 is selectable by its file name."""
-    srv = GramstyleServer([random_engine, hed_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=1).start()
-    yield srv
-    srv.stop(grace=None)
+    return {"cat": small_png(images["cat"]), "starry": small_png(images["starry"]),
+            "coffee": small_png(images["coffee"]), "cat_full": images["cat"].read_bytes()}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +193,7 @@ def test_stylize_options_travel(stub, data, hed_engine, spy):
 
 
 def test_compute_losses_matches_engine_and_autograd(stub, data, hed_engine, images):
-    cat = np.asarray(Image.open(io.BytesIO(small(images["cat"], 48))), dtype=np.int16)
+    cat = np.asarray(Image.open(io.BytesIO(small_png(images["cat"], 48))), dtype=np.int16)
     cat = np.clip(cat, 8, 247)  # room for +-1 grey level below
     candidate = png(cat)
     fields = dict(content=[pb.WeightedImage(data=data["coffee"])],
@@ -696,16 +679,16 @@ def test_two_workers_run_two_calls_at_once(random_engine, images, spy):
     alone."""
     engine = spy(random_engine)
     requests = {
-        "a": pb.StylizeRequest(content=[pb.WeightedImage(data=small(images["cat"]))],
-                               style=[pb.WeightedImage(data=small(images["starry"]))],
+        "a": pb.StylizeRequest(content=[pb.WeightedImage(data=small_png(images["cat"]))],
+                               style=[pb.WeightedImage(data=small_png(images["starry"]))],
                                size=48, iterations=5, precision=pb.PRECISION_FP32),
-        "b": pb.StylizeRequest(content=[pb.WeightedImage(data=small(images["coffee"]))],
-                               style=[pb.WeightedImage(data=small(images["scream"]))],
+        "b": pb.StylizeRequest(content=[pb.WeightedImage(data=small_png(images["coffee"]))],
+                               style=[pb.WeightedImage(data=small_png(images["scream"]))],
                                size=40, iterations=5, init=pb.INIT_NOISE, seed=9,
                                optimizer=pb.OPTIMIZER_ADAM, precision=pb.PRECISION_FP32),
     }
-    with GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=2,
-                         queue_size=0) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+    with build_server([random_engine], workers=2, queue_size=0) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = pb_grpc.StyleTransferServiceStub(ch)
         alone = {k: run_stylize(stub, r, timeout=120)[1] for k, r in requests.items()}
         started = threading.Barrier(2, timeout=60)
@@ -776,8 +759,8 @@ def serve_process(tmp_path: Path, *flags: str) -> Iterator[SimpleNamespace]:
 
 def long_request(images, **fields) -> pb.StylizeRequest:
     """A 64 px run reporting every iteration: LONG unless ``fields`` say otherwise."""
-    return pb.StylizeRequest(content=[pb.WeightedImage(data=small(images["cat"]))],
-                             style=[pb.WeightedImage(data=small(images["starry"]))],
+    return pb.StylizeRequest(content=[pb.WeightedImage(data=small_png(images["cat"]))],
+                             style=[pb.WeightedImage(data=small_png(images["starry"]))],
                              size=64, progress_every=1, **{**LONG, **fields})
 
 

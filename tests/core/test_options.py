@@ -13,7 +13,7 @@ from gramstyle.cli import build_parser
 from gramstyle.options import StyleOptions, enum_choices, flag_of, markdown_table
 from gramstyle.v1 import gramstyle_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_options_table_matches_the_declarations():

@@ -9,15 +9,14 @@ import pytest
 from PIL import Image
 
 from gramstyle.cli import main
-from gramstyle.server.serve import GramstyleServer
+
+#: The conftest ``server``: one worker and two queue slots.
+SERVER_SETTINGS = {"queue_size": 2}
 
 
 @pytest.fixture(scope="module")
-def target(random_engine):
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=2).start()
-    yield f"127.0.0.1:{srv.port}"
-    srv.stop(grace=None)
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"
 
 
 def free_port() -> int:

@@ -7,15 +7,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import EPS, encode, noise, png
 from PIL import Image
 
-from gramstyle.images import ImageError, encode_image, load_image, save_image
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+from gramstyle.engine.stop import Cancelled
+from gramstyle.images import ImageError, encode_image, load_image, probe_image, save_image
 
 
 def test_16_bit_grey_is_scaled_not_clipped():
@@ -98,3 +94,38 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path):
     assert np.asarray(Image.open(target)).tolist() == np.asarray(
         Image.new("RGB", (8, 8), "blue")).tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary left
+
+
+def test_decoding_announces_its_work_and_stops():
+    big = encode(noise(2048, 2048, 5))
+    seen: list[float] = []
+
+    def stop(seconds: float) -> None:
+        seen.append(seconds)
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        load_image(big, "content[0]", check=stop)
+    assert seen and seen[0] > 0.05  # told before the pixels are decoded
+
+
+
+
+def test_only_allowed_formats_are_decoded(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):  # pragma: no cover - must never run
+        raise AssertionError("Ghostscript would run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    for data in (EPS, encode(Image.new("RGB", (8, 8)), "PPM"),
+                 encode(Image.new("RGB", (8, 8)), "TGA")):
+        with pytest.raises(ImageError, match=r"not a PNG, JPEG, WebP, BMP, TIFF or GIF image"):
+            load_image(data, "style[0]")
+        with pytest.raises(ImageError):
+            probe_image(data, "style[0]")
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"):
+        assert load_image(encode(Image.new("RGB", (8, 6), "red"), fmt)).size == (8, 6), fmt
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert load_image(gif).getpixel((0, 0)) == (255, 0, 0)  # the first frame

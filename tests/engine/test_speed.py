@@ -8,13 +8,13 @@ check behaviour -- counts of network passes, of host reads, of iterations -- not
 from __future__ import annotations
 
 import contextlib
-import io
 import subprocess
 import sys
 
 import grpc
 import pytest
 import torch
+from conftest import build_server, png, shrink
 from PIL import Image
 
 from gramstyle import codec
@@ -25,22 +25,10 @@ from gramstyle.engine.optimise import Convergence
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.target_cache import TargetCache, image_digest
 from gramstyle.engine.transfer import StyleTransfer
-from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import CONVERGENCE_CHECK_EVERY, CONVERGENCE_WINDOW, StyleOptions
 from gramstyle.results import Losses, Progress, ServerInfo, StylizeResult
-from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
-
-
-def small(path, size=48) -> Image.Image:
-    return resize_long_side(load_image(path), size)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -88,7 +76,7 @@ def test_auto_precision_follows_the_capability_probe(monkeypatch, random_engine,
                                    StyleOptions(size=32, iterations=2), progress=seen.append)
     assert result.precision == expected
     assert {p.precision for p in seen} == {expected}
-    report = random_engine.compute_losses(small(images["cat"], 32), [images["cat"]],
+    report = random_engine.compute_losses(shrink(images["cat"], 32), [images["cat"]],
                                           [images["starry"]])
     assert report.precision == expected
 
@@ -317,7 +305,7 @@ def test_cache_is_an_lru_bounded_in_bytes():
 
 
 def test_repeated_compute_losses_costs_one_network_pass(engine, images):
-    candidate = small(images["coffee"], 48).resize((48, 32))
+    candidate = shrink(images["coffee"], 48).resize((48, 32))
     options = StyleOptions(precision="fp32")
     with counting_passes(engine) as passes:
         first = engine.compute_losses(candidate, [images["cat"]], [images["starry"]], options,
@@ -334,7 +322,7 @@ def test_repeated_compute_losses_costs_one_network_pass(engine, images):
 
 
 def test_cache_key_separates_what_changes_the_targets(engine, images):
-    candidate = small(images["coffee"], 48).resize((48, 32))
+    candidate = shrink(images["coffee"], 48).resize((48, 32))
 
     def misses(**changes) -> int:
         before = engine.target_cache.stats().misses
@@ -355,7 +343,7 @@ def test_cache_key_separates_what_changes_the_targets(engine, images):
                          StyleOptions(precision="fp32"))
     assert engine.target_cache.stats().misses - before == 2
     # Another image with the same size is another digest.
-    assert image_digest(small(images["cat"])) != image_digest(small(images["coffee"]))
+    assert image_digest(shrink(images["cat"], 48)) != image_digest(shrink(images["coffee"], 48))
 
 
 def test_stylize_and_compute_losses_share_targets(engine, images):
@@ -377,7 +365,7 @@ def test_stylize_and_compute_losses_share_targets(engine, images):
 
 def test_service_reports_precision_stop_reason_and_cache_metrics(images):
     engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
-    server = GramstyleServer([engine], host="127.0.0.1", port=0).start()
+    server = build_server([engine]).start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.StyleTransferServiceStub(channel)
@@ -385,7 +373,7 @@ def test_service_reports_precision_stop_reason_and_cache_metrics(images):
             expected = pb.PRECISION_BF16 if engine.auto_precision == "bf16" else \
                 pb.PRECISION_FP32
             assert info.precision == expected
-            content, style = png(small(images["cat"])), png(small(images["starry"]))
+            content, style = png(shrink(images["cat"], 48)), png(shrink(images["starry"], 48))
             request = pb.StylizeRequest(content=[pb.WeightedImage(data=content)],
                                         style=[pb.WeightedImage(data=style)], size=48,
                                         iterations=30, tolerance=1.0, progress_every=10)

@@ -844,7 +844,8 @@ _SETUP_CHILD = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["no-torch", "cpu", "force-cuda-0"])
 def test_setup_kernel_extensions(case: str) -> None:
-    setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    setup_py = os.path.join(repo, "setup.py")
     env = dict(os.environ)
     env.pop("FORCE_CUDA", None)
     if case == "force-cuda-0":

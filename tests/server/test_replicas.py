@@ -6,10 +6,8 @@ one SIGTERMed under load, lose no request (the harness is bench/replicas.py)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import signal
-import sys
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -18,6 +16,7 @@ import grpc
 import pytest
 from PIL import Image
 
+from bench import replicas as harness
 from gramstyle import codec
 from gramstyle.client import AsyncClient, Client, ServiceError
 from gramstyle.client.base import Attempts
@@ -26,18 +25,9 @@ from gramstyle.results import Losses, StylizeResult
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("bench_replicas", REPO / "bench/replicas.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
 
 
 def result_message(total: float) -> pb.StylizeResponse:

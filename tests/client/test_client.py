@@ -5,7 +5,6 @@ importable)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import subprocess
@@ -18,17 +17,19 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from conftest import png, shrink
 from PIL import Image
 
 from gramstyle.client import AsyncClient, Client, ServiceError
 from gramstyle.client.channel import normalize_target, service_config
 from gramstyle.codec import losses_request, stylize_request
 from gramstyle.engine.stop import Cancelled
-from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
+
+#: The conftest ``server``: one worker and two queue slots.
+SERVER_SETTINGS = {"queue_size": 2}
 
 #: A run that goes on until it is stopped (deadline, cancel): 10 000 iterations and, where the
 #: option exists, no early stop on convergence (tolerance 0).
@@ -36,28 +37,14 @@ LONG = {"iterations": 10_000,
         **({"tolerance": 0.0} if "tolerance" in StyleOptions.__dataclass_fields__ else {})}
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def cat(images) -> Image.Image:
-    return resize_long_side(load_image(images["cat"]), 64)
+    return shrink(images["cat"], 64)
 
 
 @pytest.fixture(scope="module")
 def starry(images) -> bytes:
-    return png_bytes(resize_long_side(load_image(images["starry"]), 64))
-
-
-@pytest.fixture(scope="module")
-def server(random_engine):
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=2).start()
-    yield srv
-    srv.stop(grace=None)
+    return png(shrink(images["starry"], 64))
 
 
 @pytest.fixture(scope="module")
@@ -208,12 +195,12 @@ def test_message_limits_are_raised_both_ways(client):
     """A > 4 MiB request (noise PNG) and a > 4 MiB response (a 640x640 gradient)."""
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (1300, 1300, 3), dtype=np.uint8))
-    big = png_bytes(noise)
+    big = png(noise)
     assert len(big) > 4 * 2**20
     result = client.stylize(big, (), size=32, iterations=1, style_weight=0,
                             content_layers=["relu1_1"])
     assert result.image.size == (32, 32)
-    candidate = png_bytes(noise.resize((640, 640)))
+    candidate = png(noise.resize((640, 640)))
     report = client.compute_losses(candidate, [candidate], (), gradient=True, style_weight=0,
                                    content_layers=["relu1_1"])
     assert len(report.gradient_bytes) == 3 * 640 * 640 * 4 > 4 * 2**20

@@ -9,32 +9,21 @@ hostile images, byte-level mutations); CI runs ``GRAMSTYLE_FUZZ_CASES`` of them 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import build_server
 from hypothesis import HealthCheck, given, settings
 
-from gramstyle.server.serve import GramstyleServer
+from bench import fuzz
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CASES = int(os.environ.get("GRAMSTYLE_FUZZ_CASES", "300"))
 
 
-def _load_fuzz():
-    spec = importlib.util.spec_from_file_location("gramstyle_bench_fuzz", REPO / "bench" /
-                                                  "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +32,7 @@ def target(random_engine):
     cases cost milliseconds; the shared engine's limits are restored afterwards."""
     saved = random_engine.max_size, random_engine.max_pixels
     random_engine.max_size, random_engine.max_pixels = 64, 512 * 512
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1, queue_size=4,
-                          max_iterations=3).start()
+    srv = build_server([random_engine], workers=1, queue_size=4, max_iterations=3).start()
     try:
         yield srv
     finally:
