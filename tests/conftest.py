@@ -3,6 +3,7 @@
 - the shared test images and weights, and engines loaded once per session;
 - small test images: :func:`shrink`, :func:`encode`, :func:`png`, :func:`small_png`, :func:`noise`
   (test modules import them with ``from conftest import ...``);
+- test certificates: :class:`PKI` and its ``pki`` fixture, :func:`make_certificate`;
 - in-process servers: :func:`build_server` and the module-scoped ``server`` fixture (a module
   sets ``SERVER_ENGINES`` / ``SERVER_SETTINGS`` to change what it serves);
 - a spy at the engine boundary (what the gRPC servicer passes to the engine, and when it stops).
@@ -118,6 +119,108 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
 #: A tiny Encapsulated PostScript file: a format Pillow knows (through Ghostscript) and that
 #: gramstyle's allowlist must refuse.
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
+
+
+# ----------------------------------------------------------------------- test certificates
+
+#: The DNS names of every test server certificate (plus the IP address 127.0.0.1).
+SERVER_NAMES = ("localhost", "gramstyle.internal")
+
+
+def make_key():
+    """A fresh P-256 private key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False,
+                     server: bool = False, usage=None, valid_from: float = -300,
+                     valid_for: float = 86_400):
+    """An X.509 certificate for ``key`` named ``subject``, signed by ``issuer_key`` as
+    ``issuer``: a CA when ``ca``; a server certificate for :data:`SERVER_NAMES` and 127.0.0.1
+    when ``server``; ``usage`` an ExtendedKeyUsageOID. Valid from ``valid_from`` seconds
+    from now, for ``valid_for`` seconds (negative values make expired or not-yet-valid
+    certificates)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=valid_from)
+    builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start)
+               .not_valid_after(start + datetime.timedelta(seconds=valid_for))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [*(x509.DNSName(n) for n in SERVER_NAMES),
+             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def to_pem(obj) -> bytes:
+    """PEM bytes of a certificate or (unencrypted PKCS#8) of a private key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class PKI:
+    """Test certificates, as PEM bytes (``pem[name]``) and as files (``path(name)``) under
+    ``folder``: two server CAs (``ca``, ``ca2``), each with a server certificate
+    (``server``/``server2`` with ``server_key``/``server2_key``), a client CA
+    (``client_ca``) with a client certificate (``client`` + ``client_key``), and a
+    self-signed client certificate no CA vouches for (``rogue`` + ``rogue_key``)."""
+
+    def __init__(self, folder: Path):
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        self.folder = folder
+        pem: dict[str, bytes] = {}
+        for suffix in ("", "2"):
+            ca_key, server_key = make_key(), make_key()
+            ca = make_certificate(f"server CA{suffix}", ca_key, f"server CA{suffix}", ca_key,
+                                  ca=True)
+            pem[f"ca{suffix}"] = to_pem(ca)
+            pem[f"server{suffix}"] = to_pem(make_certificate(
+                "gramstyle", server_key, f"server CA{suffix}", ca_key, server=True,
+                usage=ExtendedKeyUsageOID.SERVER_AUTH))
+            pem[f"server{suffix}_key"] = to_pem(server_key)
+        client_ca_key, client_key, rogue_key = make_key(), make_key(), make_key()
+        pem["client_ca"] = to_pem(make_certificate("client CA", client_ca_key, "client CA",
+                                                   client_ca_key, ca=True))
+        pem["client"] = to_pem(make_certificate("backend", client_key, "client CA",
+                                                client_ca_key,
+                                                usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+        pem["client_key"] = to_pem(client_key)
+        pem["rogue"] = to_pem(make_certificate("rogue", rogue_key, "rogue", rogue_key,
+                                               usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+        pem["rogue_key"] = to_pem(rogue_key)
+        self.pem = pem
+        for name, data in pem.items():
+            (folder / f"{name}.pem").write_bytes(data)
+
+    def path(self, name: str) -> str:
+        return str(self.folder / f"{name}.pem")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A module's :class:`PKI`."""
+    return PKI(tmp_path_factory.mktemp("pki"))
 
 
 # ------------------------------------------------------------------------ in-process servers

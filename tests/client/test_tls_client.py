@@ -6,9 +6,7 @@ Certificates are generated here with ``cryptography``."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hmac
-import ipaddress
 import os
 import socket
 import subprocess
@@ -21,10 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -36,77 +30,6 @@ from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 TOKEN = "s3cret-Token_1"
-SERVER_NAMES = ("localhost", "gramstyle.internal")
-
-
-# ------------------------------------------------------------------------------ certificates
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False,
-                 sans: list | None = None, usage=None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-class PKI:
-    """A server CA with a server certificate (localhost, gramstyle.internal, 127.0.0.1), a
-    client CA with a client certificate, and a self-signed client certificate no CA vouches
-    for; each as PEM bytes and as a file under ``folder``."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        ca_key, client_ca_key = ec.generate_private_key(ec.SECP256R1()), \
-            ec.generate_private_key(ec.SECP256R1())
-        ca = _certificate("test server CA", ca_key, "test server CA", ca_key, ca=True)
-        client_ca = _certificate("test client CA", client_ca_key, "test client CA",
-                                 client_ca_key, ca=True)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        sans = [*(x509.DNSName(n) for n in SERVER_NAMES),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        server = _certificate("gramstyle", server_key, "test server CA", ca_key, sans=sans,
-                              usage=ExtendedKeyUsageOID.SERVER_AUTH)
-        client_key = ec.generate_private_key(ec.SECP256R1())
-        client = _certificate("backend", client_key, "test client CA", client_ca_key,
-                              usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-        rogue_key = ec.generate_private_key(ec.SECP256R1())
-        rogue = _certificate("rogue", rogue_key, "rogue", rogue_key,
-                             usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-        self.pem = {"ca": _cert_pem(ca), "client_ca": _cert_pem(client_ca),
-                    "server": _cert_pem(server), "server_key": _key_pem(server_key),
-                    "client": _cert_pem(client), "client_key": _key_pem(client_key),
-                    "rogue": _cert_pem(rogue), "rogue_key": _key_pem(rogue_key)}
-        for name, data in self.pem.items():
-            (folder / f"{name}.pem").write_bytes(data)
-
-    def path(self, name: str) -> str:
-        return str(self.folder / f"{name}.pem")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> PKI:
-    return PKI(tmp_path_factory.mktemp("pki"))
 
 
 # ------------------------------------------------------------------------------ test server

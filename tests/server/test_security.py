@@ -4,8 +4,6 @@ generated here with ``cryptography``; in-process servers share the session's ran
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import os
 import queue
@@ -18,11 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import build_server, small_png
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from conftest import PKI, build_server, small_png
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -42,76 +36,6 @@ MESSAGE = "missing or invalid bearer token"
 
 
 # ------------------------------------------------------------------------------ certificates
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False,
-                 server: bool = False, usage=None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-class PKI:
-    """Files under ``folder``: two server CAs (``ca``, ``ca2``) each with a server certificate
-    for 127.0.0.1/localhost (``server``/``server2`` + ``_key``), a client CA with a client
-    certificate, and a self-signed client certificate (``rogue``)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        pem: dict[str, bytes] = {}
-        for suffix in ("", "2"):
-            ca_key, server_key = _key(), _key()
-            ca = _certificate(f"server CA{suffix}", ca_key, f"server CA{suffix}", ca_key, ca=True)
-            pem[f"ca{suffix}"] = _pem(ca)
-            pem[f"server{suffix}"] = _pem(_certificate(
-                "gramstyle", server_key, f"server CA{suffix}", ca_key, server=True,
-                usage=ExtendedKeyUsageOID.SERVER_AUTH))
-            pem[f"server{suffix}_key"] = _pem(server_key)
-        client_ca_key, client_key, rogue_key = _key(), _key(), _key()
-        pem["client_ca"] = _pem(_certificate("client CA", client_ca_key, "client CA",
-                                             client_ca_key, ca=True))
-        pem["client"] = _pem(_certificate("backend", client_key, "client CA", client_ca_key,
-                                          usage=ExtendedKeyUsageOID.CLIENT_AUTH))
-        pem["client_key"] = _pem(client_key)
-        pem["rogue"] = _pem(_certificate("rogue", rogue_key, "rogue", rogue_key,
-                                         usage=ExtendedKeyUsageOID.CLIENT_AUTH))
-        pem["rogue_key"] = _pem(rogue_key)
-        self.pem = pem
-        for name, data in pem.items():
-            (folder / f"{name}.pem").write_bytes(data)
-
-    def path(self, name: str) -> str:
-        return str(self.folder / f"{name}.pem")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> PKI:
-    return PKI(tmp_path_factory.mktemp("pki"))
 
 
 def write_atomically(path: Path, data: bytes) -> None:
