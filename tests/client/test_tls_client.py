@@ -1,7 +1,7 @@
 """The client side of TLS, mutual TLS and bearer tokens: Client/AsyncClient and the CLI's
 --tls/--tls-ca/--tls-cert/--tls-key/--token flags (and GRAMSTYLE_TOKEN) against a small
 test-local gRPC server with ssl_server_credentials and a token-checking interceptor.
-Certificates are generated here with ``cryptography``."""
+Certificates come from the ``pki`` fixture (conftest.py)."""
 
 from __future__ import annotations
 

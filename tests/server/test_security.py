@@ -1,6 +1,6 @@
 """The server side of TLS, mutual TLS, bearer tokens, the plaintext health port, reloading on
-SIGHUP and GRAMSTYLE_* environment configuration (``gramstyle serve``). Certificates are
-generated here with ``cryptography``; in-process servers share the session's random VGG19."""
+SIGHUP and GRAMSTYLE_* environment configuration (``gramstyle serve``). Certificates come
+from the ``pki`` fixture (conftest.py); in-process servers share the session's random VGG19."""
 
 from __future__ import annotations
 
