@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from gramstyle.cli import main
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 
 
 @pytest.fixture(scope="module")
 def target(random_engine):
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=2).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0, workers=1,
+                                                       queue_size=2)).start()
     yield f"127.0.0.1:{srv.port}"
     srv.stop(grace=None)
 

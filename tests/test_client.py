@@ -26,7 +26,7 @@ from gramstyle.codec import losses_request, stylize_request
 from gramstyle.engine.stop import Cancelled
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -54,8 +54,8 @@ def starry(images) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(random_engine):
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=2).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0, workers=1,
+                                                       queue_size=2)).start()
     yield srv
     srv.stop(grace=None)
 

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = int(os.environ.get("GRAMSTYLE_FUZZ_CASES", "300"))
@@ -43,8 +43,8 @@ def target(random_engine):
     cases cost milliseconds; the shared engine's limits are restored afterwards."""
     saved = random_engine.max_size, random_engine.max_pixels
     random_engine.max_size, random_engine.max_pixels = 64, 512 * 512
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1, queue_size=4,
-                          max_iterations=3).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0, workers=1,
+                                                       queue_size=4, max_iterations=3)).start()
     try:
         yield srv
     finally:

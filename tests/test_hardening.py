@@ -48,7 +48,7 @@ from gramstyle.engine.stop import Cancelled
 from gramstyle.images import ImageError, load_image, probe_image
 from gramstyle.server.admission import QueueFull, WorkQueue
 from gramstyle.server.interceptors import JsonFormatter
-from gramstyle.server.serve import GramstyleServer, default_metrics_host
+from gramstyle.server.serve import GramstyleServer, ServeConfig, default_metrics_host
 from gramstyle.server.status import MAX_STATUS_BYTES, cap_message
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -84,8 +84,8 @@ def small() -> bytes:
 
 @pytest.fixture(scope="module")
 def server(random_engine):
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=1).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0, workers=1,
+                                                       queue_size=1)).start()
     yield srv
     srv.stop(grace=None)
 
@@ -170,8 +170,8 @@ def test_idle_streams_do_not_starve_health_or_stylize(server, stub, small):
 def test_streams_per_connection_are_capped(random_engine, small):
     """Beyond --max-concurrent-streams on one connection the client must queue; other
     connections are unaffected."""
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0,
-                          max_concurrent_streams=4).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0,
+                                                       max_concurrent_streams=4)).start()
     feeds: list[queue.Queue] = []
     try:
         with channel_to(srv.port) as channel:
@@ -202,7 +202,7 @@ def test_streams_per_connection_are_capped(random_engine, small):
 
 def test_health_watchers_all_see_shutdown(random_engine):
     """Upstream's asyncio Watch forgets the other watchers when one leaves."""
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0)).start()
     stopped = threading.Thread(target=lambda: None)
     try:
         with channel_to(srv.port) as channel:
@@ -267,8 +267,8 @@ def test_memory_estimate_refuses_before_decoding(random_engine, spy):
     """16 solid 4096x4096 PNGs (a 0.9 MB request) once raised peak RSS by 1.15 GiB."""
     big = encode(Image.new("RGB", (4096, 4096), "white"))
     assert len(big) < 100_000
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, max_images=16,
-                          max_request_memory=512 * 2**20).start()
+    srv = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0, max_images=16,
+                                                       max_request_memory=512 * 2**20)).start()
     engine = spy(random_engine)
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=60, retries=1) as client:
@@ -307,7 +307,8 @@ def test_compute_losses_is_not_held_to_stylize_defaults(random_engine, monkeypat
     """Found by the fuzzer: with --max-iterations below 300 or --max-size below 512, every
     ComputeLosses failed on the defaults of options it does not use (iterations, size)."""
     monkeypatch.setattr(random_engine, "max_size", 256)
-    srv = GramstyleServer([random_engine], host="127.0.0.1", port=0, max_iterations=3).start()
+    srv = GramstyleServer([random_engine],
+                          ServeConfig(host="127.0.0.1", port=0, max_iterations=3)).start()
     try:
         with channel_to(srv.port) as channel:
             reply = pb_grpc.StyleTransferServiceStub(channel).ComputeLosses(
@@ -848,10 +849,10 @@ def start_serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, int]:
 
 
 def test_busy_port_is_refused(random_engine, capsys):
-    first = GramstyleServer([random_engine], host="127.0.0.1", port=0).start()
+    first = GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=0)).start()
     try:
         with pytest.raises(OSError, match=rf"^port {first.port} is already in use$"):
-            GramstyleServer([random_engine], host="127.0.0.1", port=first.port)
+            GramstyleServer([random_engine], ServeConfig(host="127.0.0.1", port=first.port))
         code = main(["serve", "--arch", "vgg16", "--weights", "random", "--device", "cpu",
                      "--host", "127.0.0.1", "--port", str(first.port)])
         assert code == 1

@@ -31,7 +31,7 @@ from gramstyle.client import Client, ServiceError
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.server import security
 from gramstyle.server.security import TlsFiles, TokenStore
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -189,9 +189,10 @@ def make_server(random_engine):
     """``make_server(**kwargs)``: a started in-process server on 127.0.0.1 (stopped after)."""
     started: list[GramstyleServer] = []
 
-    def make(**kwargs) -> GramstyleServer:
-        server = GramstyleServer([random_engine], host="127.0.0.1", port=0,
-                                 **kwargs).start()
+    def make(tls=None, tokens=None, **settings) -> GramstyleServer:
+        server = GramstyleServer([random_engine],
+                                 ServeConfig(host="127.0.0.1", port=0, **settings),
+                                 tls=tls, tokens=tokens).start()
         started.append(server)
         return server
 
@@ -428,7 +429,7 @@ def captured_config(monkeypatch):
     from gramstyle.server import serve
 
     seen = []
-    monkeypatch.setattr(serve, "run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(serve, "run", lambda config, *signals: seen.append(config) or 0)
     monkeypatch.setattr(serve, "configure_logging", lambda *args: None)
     return seen
 

@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gramstyle.engine.stop import Cancelled
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import StyleOptions
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -82,8 +82,8 @@ def data(images) -> dict[str, bytes]:
 def server(random_engine, hed_engine):
     """One worker and one queue slot, so the admission tests are exact. Default model: the
     random VGG19 (fast); the HED VGG16 is selectable by its file name."""
-    srv = GramstyleServer([random_engine, hed_engine], host="127.0.0.1", port=0, workers=1,
-                          queue_size=1).start()
+    srv = GramstyleServer([random_engine, hed_engine],
+                          ServeConfig(host="127.0.0.1", port=0, workers=1, queue_size=1)).start()
     yield srv
     srv.stop(grace=None)
 
@@ -704,8 +704,9 @@ def test_two_workers_run_two_calls_at_once(random_engine, images, spy):
                                size=40, iterations=5, init=pb.INIT_NOISE, seed=9,
                                optimizer=pb.OPTIMIZER_ADAM, precision=pb.PRECISION_FP32),
     }
-    with GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=2,
-                         queue_size=0) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+    config = ServeConfig(host="127.0.0.1", port=0, workers=2, queue_size=0)
+    with GramstyleServer([random_engine], config) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = pb_grpc.StyleTransferServiceStub(ch)
         alone = {k: run_stylize(stub, r, timeout=120)[1] for k, r in requests.items()}
         started = threading.Barrier(2, timeout=60)

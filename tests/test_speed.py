@@ -28,7 +28,7 @@ from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import load_image, resize_long_side
 from gramstyle.options import CONVERGENCE_CHECK_EVERY, CONVERGENCE_WINDOW, StyleOptions
 from gramstyle.results import Losses, Progress, ServerInfo, StylizeResult
-from gramstyle.server.serve import GramstyleServer
+from gramstyle.server.serve import GramstyleServer, ServeConfig
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -377,7 +377,7 @@ def test_stylize_and_compute_losses_share_targets(engine, images):
 
 def test_service_reports_precision_stop_reason_and_cache_metrics(images):
     engine = StyleTransfer(arch="vgg19", weights="random", device="cpu")
-    server = GramstyleServer([engine], host="127.0.0.1", port=0).start()
+    server = GramstyleServer([engine], ServeConfig(host="127.0.0.1", port=0)).start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.StyleTransferServiceStub(channel)
