@@ -78,6 +78,7 @@ class Setting:
         metavar: the value's name in ``--help``.
         default_text: how ``--help`` and the docs show the default when the value alone does
             not say it (a None default, a derived one).
+        range_text: how the docs show the bounds when the numbers alone read badly.
         name, default: the field's; filled in by :meth:`ServeConfig.settings`.
     """
 
@@ -90,6 +91,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     default_text: str | None = None
+    range_text: str | None = None
     name: str = ""
     default: Any = None
 
@@ -118,6 +120,18 @@ class Setting:
         if isinstance(self.default, float) and self.default.is_integer():
             return str(int(self.default))
         return str(self.default)
+
+    def allowed(self) -> str:
+        """The values allowed, as the docs show them ('' when anything goes)."""
+        if self.range_text is not None:
+            return self.range_text
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return f"{_number(self.low)} to {_number(self.high)}"
+        if self.low is not None:
+            return f">= {_number(self.low)}"
+        return ""
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not allowed, or None when it is."""
@@ -168,8 +182,8 @@ class ServeConfig:
     """
 
     # -------------------------------------------------------------- network
-    arch: str = _setting(DEFAULT_ARCH, "--arch", "the feature extractor", group="network",
-                         choices=ARCHS)
+    arch: str = _setting(DEFAULT_ARCH, "--arch", "the feature extractor network",
+                         group="network", choices=ARCHS)
     #: One or more weights, all with ``arch``; the first is the default model.
     weights: tuple[str, ...] = _setting(
         (DEFAULT_WEIGHTS,), "--weights",
@@ -224,14 +238,14 @@ class ServeConfig:
         "largest peak memory one request may need, estimated from the image headers and "
         "options before decoding (512M, 4G, ...; MiB without a unit); a request over it gets "
         "INVALID_ARGUMENT naming what to lower", parse=parse_size, low=1, high=_MAX_MEMORY,
-        metavar="SIZE", default_text="the memory budget")
+        metavar="SIZE", default_text="the memory budget", range_text="up to 1 PiB")
     #: What the running requests' estimates may add up to, bytes (None: derived from the
     #: machine's memory, see :func:`gramstyle.server.admission.default_memory_budget`).
     memory_budget: int | None = _setting(
         None, "--memory-budget",
         "what the estimates of the requests running at once may add up to (512M, 8G, ...); "
         "a request that would exceed it waits in the queue; the ready line shows it",
-        parse=parse_size, low=1, high=_MAX_MEMORY, metavar="SIZE",
+        parse=parse_size, low=1, high=_MAX_MEMORY, metavar="SIZE", range_text="up to 1 PiB",
         default_text="80% of the machine's (or container's) memory, less the loaded models "
                      "and the target cache")
     max_concurrent_streams: int = _setting(
@@ -316,15 +330,16 @@ _SETTINGS = ServeConfig.settings()
 
 def flag_table() -> str:
     """The flag table of docs/service.md, generated from the declarations."""
-    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    rows = ["| flag | environment variable | default | allowed | meaning |",
+            "|---|---|---|---|---|"]
     for setting in ServeConfig.settings():
         if setting.flag is None:
             continue
+        literal = setting.default_text is None and setting.default is not None
         default = setting.shown_default()
-        shown = default if " " in default else f"`{default}`"
-        choices = f" (one of {', '.join(setting.choices)})" if setting.choices else ""
+        shown = f"`{default}`" if literal and not setting.switch else default
         rows.append(f"| `{setting.flag}` | `{setting.variable}` | {shown} | "
-                    f"{setting.help}{choices} |")
+                    f"{setting.allowed()} | {setting.help} |")
     return "\n".join(rows)
 
 
