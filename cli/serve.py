@@ -39,11 +39,11 @@ def _serve(args: argparse.Namespace, signals: Signals) -> int:
     try:
         config = ServeConfig(**values)
     except SettingError as exc:
-        source = sources[exc.name]
-        if source.startswith("--"):
-            raise CLIError(f"{source}: {exc.problem}") from None
-        raise CLIError(f"{source}: {exc.problem} (from the environment, for "
-                       f"{_flag_of(exc.name)})") from None
+        setting = next(s for s in ServeConfig.settings() if s.name == exc.name)
+        if sources[exc.name] == setting.flag:
+            raise CLIError(f"{setting.flag}: {exc.problem}") from None
+        raise CLIError(f"{setting.variable}: {exc.problem} (from the environment, for "
+                       f"{setting.flag})") from None
     try:
         from gramstyle.server.serve import configure_logging
         from gramstyle.server.serve import run as serve
@@ -57,7 +57,3 @@ def _serve(args: argparse.Namespace, signals: Signals) -> int:
         message = str(exc)
         raise CLIError(message if message.startswith("--") else f"--port: {message}",
                        EXIT_FAILURE) from None
-
-
-def _flag_of(name: str) -> str:
-    return next(s.flag for s in ServeConfig.settings() if s.name == name)

@@ -17,9 +17,10 @@ its parser from it on a client-only install.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from gramstyle.images import DEFAULT_MAX_PIXELS
@@ -319,13 +320,13 @@ class ServeConfig:
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:
         """Every field's :class:`Setting`, in declaration order, with name and default."""
-        return _SETTINGS or tuple(
-            Setting(**{**vars(f.metadata["setting"]), "name": f.name, "default": f.default})
-            for f in fields(cls))
+        return _declared_settings()
 
 
-_SETTINGS: tuple[Setting, ...] = ()
-_SETTINGS = ServeConfig.settings()
+@functools.cache
+def _declared_settings() -> tuple[Setting, ...]:
+    return tuple(replace(f.metadata["setting"], name=f.name, default=f.default)
+                 for f in fields(ServeConfig))
 
 
 def flag_table() -> str:
