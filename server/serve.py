@@ -86,8 +86,9 @@ class GramstyleServer:
             see ``.port``; OSError "port N is already in use" when the address is taken),
             the workers and queue, the per-request limits, the memory budget (None: derived
             from the machine's memory, :func:`default_memory_budget`), the health port (0:
-            a free one, see ``.health_port``), the connection age. ``metrics_port`` and
-            ``grace_s`` are :func:`run`'s.
+            a free one, see ``.health_port``), the connection age. The model settings
+            (arch, weights, ..., max_size, max_pixels) are :func:`load_engines`', and
+            ``metrics_port``, ``metrics_host`` and ``grace_s`` are :func:`run`'s.
         tls, tokens: the TLS files (mutual TLS when they have a client CA) and the bearer
             token store, already read (:func:`run` reads them before the model loads, so
             that a bad file fails fast). When neither is given they are read from
