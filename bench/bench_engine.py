@@ -113,7 +113,7 @@ def compute_losses_through_service(engine: StyleTransfer, content: Image.Image,
 
     import grpc
 
-    from gramstyle.server.serve import GramstyleServer
+    from gramstyle.server.serve import GramstyleServer, ServeConfig
     from gramstyle.v1 import gramstyle_pb2 as pb
     from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -124,7 +124,7 @@ def compute_losses_through_service(engine: StyleTransfer, content: Image.Image,
 
     candidate = png(resize_long_side(content, size))
     out = {"size": size}
-    server = GramstyleServer([engine], host="127.0.0.1", port=0).start()
+    server = GramstyleServer([engine], ServeConfig(host="127.0.0.1", port=0)).start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                    options=[("grpc.max_receive_message_length", 2**28)]) as ch:

@@ -1,24 +1,28 @@
-"""Flags that may also come from environment variables: ``--queue-size`` from
-``GRAMSTYLE_QUEUE_SIZE`` and so on (``gramstyle serve``, configured the way container
-platforms do it). A flag on the command line beats its variable; an empty variable counts as
-unset.
+"""Settings that may come from the command line or from environment variables:
+``--queue-size`` or ``GRAMSTYLE_QUEUE_SIZE`` and so on (``gramstyle serve``, configured the way
+container platforms do it). A flag on the command line beats its variable; an empty variable
+counts as unset.
 
-How: :func:`add_env_variables` gives every optional flag of a parser an unset-marker
-default and notes its variable in ``--help``; after parsing, :func:`apply_env` fills each
-flag not given on the command line from its variable (converted and checked like the flag,
-errors naming the variable) or else from the flag's own default.
+How: :func:`add_setting_flags` adds a flag for every declared
+:class:`~gramstyle.server.config.Setting`, with an unset-marker default and its variable
+named in ``--help``; after parsing, :func:`resolve` takes each setting from the command line,
+else from its variable (converted and checked like the flag, errors naming the variable), else
+its declared default, and says where each value came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gramstyle.cli.flags import CLIError
+from gramstyle.server.config import Setting
 
-PREFIX = "GRAMSTYLE_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+#: Parsers whose own errors argparse words well ("invalid int value: 'x'").
+_BUILTIN_PARSERS = (int, float, str, str.upper)
 
 
 class _Unset:
@@ -30,69 +34,92 @@ class _Unset:
 
 
 _UNSET = _Unset()
-_DEFAULTS = "_env_defaults"
 
 
-def env_name(flag: str, prefix: str = PREFIX) -> str:
-    """``--queue-size`` -> ``GRAMSTYLE_QUEUE_SIZE``."""
-    return prefix + flag.lstrip("-").replace("-", "_").upper()
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError message is shown as it is."""
+    if parse in _BUILTIN_PARSERS:
+        return parse
+
+    def converted(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    converted.__name__ = getattr(parse, "__name__", "value")
+    return converted
 
 
-def _long_flag(action: argparse.Action) -> str | None:
-    flags = [s for s in action.option_strings if s.startswith("--")]
-    return flags[0] if flags else None
+def help_text(setting: Setting) -> str:
+    """A setting's ``--help`` line: its help, its default and its variable."""
+    text = f"{setting.help} (default {setting.shown_default()}) [env {setting.variable}]"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_env_variables(parser: argparse.ArgumentParser, prefix: str = PREFIX) -> None:
-    """Let each optional flag of ``parser`` (but --help) come from ``prefix + FLAG_NAME``;
-    call after adding the flags, then :func:`apply_env` on the parsed namespace."""
-    defaults: dict[str, tuple[str, object, argparse.Action]] = {}
-    for action in parser._actions:  # argparse has no public list of a parser's actions
-        flag = _long_flag(action)
-        if flag is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
+    """A flag for every setting that has one, in sections by group; every flag defaults to an
+    unset marker, for :func:`resolve`."""
+    groups: dict[str, Any] = {}
+    for setting in settings:
+        if setting.flag is None:
             continue
-        variable = env_name(flag, prefix)
-        defaults[action.dest] = (variable, action.default, action)
-        action.default = _UNSET
-        if action.help is not argparse.SUPPRESS:
-            action.help = f"{action.help or ''} [env {variable}]".lstrip()
-    parser.set_defaults(**{_DEFAULTS: defaults})
+        if setting.group not in groups:
+            groups[setting.group] = parser.add_argument_group(setting.group)
+        kwargs: dict[str, Any] = {"dest": setting.name, "default": _UNSET,
+                                  "help": help_text(setting)}
+        if setting.switch:
+            kwargs["action"] = "store_true"
+        else:
+            if setting.parse is not None:
+                kwargs["type"] = _argparse_type(setting.parse)
+            if setting.choices is not None:
+                kwargs["choices"] = setting.choices
+            if setting.metavar is not None:
+                kwargs["metavar"] = setting.metavar
+        groups[setting.group].add_argument(setting.flag, **kwargs)
 
 
-def _convert(action: argparse.Action, variable: str, text: str) -> object:
-    """``text`` from ``variable`` converted and checked as the flag would be."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+def _from_variable(setting: Setting, text: str) -> Any:
+    """``text`` from the setting's variable, converted and checked as the flag would be."""
+    variable = setting.variable
+    if setting.switch:
         word = text.strip().lower()
         if word not in _TRUE | _FALSE:
             raise CLIError(f"{variable}: expected 1/true/yes/on or 0/false/no/off, got {text!r}")
-        return (word in _TRUE) == isinstance(action, argparse._StoreTrueAction)
+        return word in _TRUE
     try:
-        value = action.type(text) if action.type is not None else text
-    except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
-        raise CLIError(f"{variable}: {exc} (from the environment, for {_long_flag(action)})"
+        value = setting.parse(text) if setting.parse is not None else text
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"{variable}: {exc} (from the environment, for {setting.flag})"
                        ) from None
-    if action.choices is not None and value not in action.choices:
-        choices = ", ".join(map(str, action.choices))
-        raise CLIError(f"{variable}: must be one of {choices}, got {text!r}")
+    if setting.choices is not None and value not in setting.choices:
+        raise CLIError(f"{variable}: must be one of {', '.join(setting.choices)}, got {text!r}")
     return value
 
 
-def apply_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
-              ) -> argparse.Namespace:
-    """Fill the flags of ``args`` that the command line did not set: from their variable in
-    ``environ`` (default ``os.environ``) when set and not empty, else their default. Raises
-    CLIError naming the variable for a bad value."""
+def resolve(args: argparse.Namespace, settings: Sequence[Setting],
+            environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each setting's value and where it came from: ``(values, sources)``, keyed by setting
+    name; a source is the flag (command line or default) or the variable (``environ``,
+    default ``os.environ``, when set and not empty). Raises CLIError naming the variable for
+    a bad value. Settings without a flag are left out (their default applies)."""
     environ = os.environ if environ is None else environ
-    defaults: dict[str, tuple[str, object, argparse.Action]] = getattr(args, _DEFAULTS, {})
-    for dest, (variable, default, action) in defaults.items():
-        if getattr(args, dest, _UNSET) is not _UNSET:
-            continue  # given on the command line
-        text = environ.get(variable, "")
-        value = _convert(action, variable, text) if text.strip() else default
-        setattr(args, dest, value)
-    if hasattr(args, _DEFAULTS):
-        delattr(args, _DEFAULTS)
-    return args
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in settings:
+        if setting.flag is None:
+            continue
+        given = getattr(args, setting.name, _UNSET)
+        text = environ.get(setting.variable, "")
+        if given is not _UNSET:
+            values[setting.name], sources[setting.name] = given, setting.flag
+        elif text.strip():
+            values[setting.name] = _from_variable(setting, text)
+            sources[setting.name] = setting.variable
+        else:
+            values[setting.name], sources[setting.name] = setting.default, setting.flag
+    return values, sources
 
 
-__all__ = ["PREFIX", "add_env_variables", "apply_env", "env_name"]
+__all__ = ["add_setting_flags", "help_text", "resolve"]

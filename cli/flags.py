@@ -17,7 +17,12 @@ from typing import Any
 from gramstyle.images import load_image
 from gramstyle.options import (
     ARCHS,
+    DEFAULT_ARCH,
+    DEFAULT_DEVICE,
+    DEFAULT_POOLING,
+    DEFAULT_WEIGHTS,
     DEVICES,
+    MODEL_DEFAULTS,
     POOLINGS,
     OptionSpec,
     StyleOptions,
@@ -130,23 +135,27 @@ def check_image_files(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- network, remote
 
-#: Defaults of the network flags. They are filled in after parsing (the parser's default is
-#: None) so that with --server only the flags actually given are sent: a server picks its own
-#: default model, and --pooling/--device are the server's choice.
-MODEL_DEFAULTS = {"arch": "vgg19", "weights": "imagenet", "pooling": "max", "device": "auto"}
+# The network flags' defaults (gramstyle.options.MODEL_DEFAULTS) are filled in after parsing
+# (the parser's default is None) so that with --server only the flags actually given are
+# sent: a server picks its own default model, and --pooling/--device are the server's choice.
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--arch, --weights, --pooling, --device: which network runs (in-process or `serve`)."""
+    """--arch, --weights, --pooling, --device: which network runs in-process, or which of a
+    server's models with --server."""
     group = parser.add_argument_group("network")
-    group.add_argument("--arch", choices=ARCHS, help="feature extractor (default: vgg19; with "
-                       "--server: the server's default model)")
+    group.add_argument("--arch", choices=ARCHS,
+                       help=f"feature extractor (default: {DEFAULT_ARCH}; with --server: the "
+                            "server's default model)")
     group.add_argument("--weights",
                        help="imagenet (torchvision download cache), random (seeded RandomNet) "
-                            "or a path to a VGG / VGG-features state_dict (default: imagenet); "
-                            "with --server: one of the weights the server loaded")
-    group.add_argument("--pooling", choices=POOLINGS, help="max (default) or avg")
-    group.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
+                            "or a path to a VGG / VGG-features state_dict (default: "
+                            f"{DEFAULT_WEIGHTS}); with --server: one of the weights the "
+                            "server loaded")
+    group.add_argument("--pooling", choices=POOLINGS,
+                       help=f"{' or '.join(POOLINGS)} (default {DEFAULT_POOLING})")
+    group.add_argument("--device", choices=DEVICES,
+                       help=f"{', '.join(DEVICES)} (default {DEFAULT_DEVICE})")
 
 
 def model_option(args: argparse.Namespace, name: str) -> str:

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-#: The engine's and ``gramstyle serve``'s default budget (--target-cache-mb).
-DEFAULT_TARGET_CACHE_MB = 256
+from gramstyle.options import DEFAULT_TARGET_CACHE_MB
 
 Targets = dict[str, torch.Tensor]
 

@@ -40,7 +40,17 @@ from gramstyle.engine.stop import Cancelled, StopCheck
 from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-from gramstyle.options import DEVICES, MAX_ITERATIONS, MAX_SIZE, StyleOptions, check_choice
+from gramstyle.options import (
+    DEFAULT_ARCH,
+    DEFAULT_DEVICE,
+    DEFAULT_POOLING,
+    DEFAULT_WEIGHTS,
+    DEVICES,
+    MAX_ITERATIONS,
+    MAX_SIZE,
+    StyleOptions,
+    check_choice,
+)
 from gramstyle.results import LossReport, Progress, StylizeResult
 
 #: Tells engines apart in a shared target cache's keys.
@@ -99,8 +109,9 @@ class StyleTransfer:
             ``TargetCache(0)`` turns caching off.
     """
 
-    def __init__(self, arch: str = "vgg19", weights: str = "imagenet", pooling: str = "max",
-                 device: str = "auto", max_size: int = MAX_SIZE,
+    def __init__(self, arch: str = DEFAULT_ARCH, weights: str = DEFAULT_WEIGHTS,
+                 pooling: str = DEFAULT_POOLING, device: str = DEFAULT_DEVICE,
+                 max_size: int = MAX_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
                  target_cache: TargetCache | None = None):
         self.device = pick_device(device)

@@ -1,5 +1,6 @@
-"""The gRPC service around the engine: servicer, serve, security, admission, the memory
-estimate, interceptors, metrics, status mapping, health and logs.
+"""The gRPC service around the engine: servicer, serve (the life cycle) and its settings
+(config), security, admission, the memory estimate, interceptors, metrics, status mapping,
+health, listening addresses, signals and logs.
 
 The in-process engine is :mod:`gramstyle.engine`. ``from gramstyle.server import
 StyleTransfer`` (and the other engine names) still works for one release, as a deprecated

@@ -17,18 +17,29 @@ or refused; cheap RPCs never touch the queue.
   it cancelled) removes it from the queue at once and frees its slot. A running job keeps
   its slot, and its reservation, until its function has returned, so a "free" worker really
   is free (a cancelled job stops within a second, see ``should_stop`` in the engine).
+- **The default budget** (:func:`default_memory_budget`) is a share of the memory this
+  process may use, :func:`machine_memory` (the machine's, or its container's cgroup limit),
+  less what the process already holds (:func:`process_rss`: the loaded models).
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+#: Share of the machine's (or the container's) memory the default memory budget may use.
+MEMORY_BUDGET_SHARE = 0.8
+#: The smallest default memory budget, bytes.
+MIN_DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 class QueueFull(Exception):
@@ -214,4 +225,39 @@ class WorkQueue:
                     thread.join()
 
 
-__all__ = ["CancelledError", "QueueFull", "ShuttingDown", "WorkQueue"]
+# ---------------------------------------------------------------------------- the budget
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit
+    (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``) when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def process_rss() -> int:
+    """This process's resident memory, in bytes (0 where /proc is missing)."""
+    try:
+        match = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return 0
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def default_memory_budget(reserved: int = 0) -> int:
+    """The default ``--memory-budget``, bytes: ``MEMORY_BUDGET_SHARE`` of
+    :func:`machine_memory`, less what this process already holds (the loaded models) and
+    ``reserved`` bytes (the target cache), and at least ``MIN_DEFAULT_MEMORY_BUDGET``."""
+    budget = int(MEMORY_BUDGET_SHARE * machine_memory()) - process_rss() - reserved
+    return max(MIN_DEFAULT_MEMORY_BUDGET, budget)
+
+
+__all__ = ["MEMORY_BUDGET_SHARE", "CancelledError", "QueueFull", "ShuttingDown", "WorkQueue",
+           "default_memory_budget", "machine_memory", "process_rss"]

@@ -44,6 +44,7 @@ from torch import nn
 from gramstyle.engine.objective import style_side
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.options import StyleOptions, scale_sizes
+from gramstyle.sizes import format_size
 
 #: Fixed cost of any request (allocator arenas, oneDNN scratch, stacks), bytes.
 OVERHEAD = 64 * 2**20
@@ -61,10 +62,6 @@ _RGB_TENSOR = 12  # float32 [1, 3, H, W], bytes per pixel
 _PIL_RGB = 4  # Pillow stores RGB as 32 bits per pixel
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 @dataclass
 class Estimate:
     """A request's estimated peak memory, in bytes, and its parts (see the module doc)."""
@@ -75,8 +72,8 @@ class Estimate:
     def describe(self) -> str:
         """'about 1.20 GiB (activations 800 MiB, optimiser 300 MiB, ...)', largest first."""
         parts = sorted(self.parts.items(), key=lambda kv: -kv[1])
-        shown = ", ".join(f"{name} {_gib(n)}" for name, n in parts if n >= 2**20)
-        return f"about {_gib(self.total)}" + (f" ({shown})" if shown else "")
+        shown = ", ".join(f"{name} {format_size(n)}" for name, n in parts if n >= 2**20)
+        return f"about {format_size(self.total)}" + (f" ({shown})" if shown else "")
 
     @property
     def largest(self) -> str:

@@ -1,17 +1,24 @@
-"""Start-up and shutdown of the gRPC server (``gramstyle serve``).
+"""The gRPC server's life cycle (``gramstyle serve``): build, start, serve, drain, stop.
 
 :class:`GramstyleServer` wires the pieces together on a ``grpc.aio`` server: the
 StyleTransferService servicer, the standard ``grpc.health.v1`` health service, server
 reflection, the request-log/metrics interceptor, the bounded worker queue (by count and by
-memory) and the message-size limits. :func:`run` loads the model once, prints one ``ready``
-line, and serves until SIGTERM/SIGINT, then shuts down gracefully:
+memory) and the message-size limits, all from one :class:`~gramstyle.server.config.ServeConfig`.
+:func:`run` loads the model once, prints one ``ready`` line, and serves until SIGTERM/SIGINT,
+then shuts down gracefully:
 
 1. health turns NOT_SERVING (load balancers and readiness probes stop sending work);
 2. ``server.stop(grace)``: new calls are refused, in-flight calls may finish within ``grace``
    seconds, after which they are cancelled (their jobs stop within a second);
 3. the process exits 0.
 
-A second signal during the drain cancels the remaining calls at once.
+A second signal during the drain cancels the remaining calls at once; a stop during start-up
+(the model load included) exits 0 at once (:mod:`gramstyle.server.signals`).
+
+The other concerns live beside it: the settings (:mod:`~gramstyle.server.config`), the default
+memory budget (:mod:`~gramstyle.server.admission`), the health servicer
+(:mod:`~gramstyle.server.health`), addresses and bind errors (:mod:`~gramstyle.server.listen`),
+signals (:mod:`~gramstyle.server.signals`) and logging (:mod:`~gramstyle.server.logs`).
 
 Why asyncio: with a thread pool, every open stream holds a thread -- an idle reflection
 stream, a health Watch, a Stylize whose caller does not read -- and a few dozen of them
@@ -27,18 +34,9 @@ fails instead of sharing it.
 from __future__ import annotations
 
 import asyncio
-import collections
-import errno
 import logging
-import os
-import re
-import signal
-import socket
-import sys
 import threading
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,12 +44,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gramstyle import kernels
-from gramstyle.engine.target_cache import DEFAULT_TARGET_CACHE_MB, TargetCache
+from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.transfer import StyleTransfer
-from gramstyle.images import DEFAULT_MAX_PIXELS
-from gramstyle.options import MAX_ITERATIONS, MAX_SIZE
-from gramstyle.server.admission import WorkQueue
-from gramstyle.server.interceptors import JsonFormatter, RequestLogInterceptor
+from gramstyle.server.admission import WorkQueue, default_memory_budget
+from gramstyle.server.config import ServeConfig
+from gramstyle.server.health import HealthServicer
+from gramstyle.server.interceptors import RequestLogInterceptor
+from gramstyle.server.listen import bind_problem, default_metrics_host
+from gramstyle.server.logs import configure_logging, log_loop_error
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import (
     AuthInterceptor,
@@ -59,179 +59,16 @@ from gramstyle.server.security import (
     TokenStore,
     check_plaintext_tokens,
 )
-from gramstyle.server.service import DEFAULT_MAX_IMAGES, SERVICE_NAME, StyleTransferService
+from gramstyle.server.service import SERVICE_NAME, StyleTransferService
+from gramstyle.server.signals import Signals, StartupCancelled
+from gramstyle.sizes import format_size
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-#: Default send/receive limit: a 2048x2048 RGB PNG is at most ~12.6 MB (incompressible
-#: noise), a request may carry several images, and a 2048 px gradient is 50 MB of float32.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-#: Streams one HTTP/2 connection may have open at once (grpc.max_concurrent_streams).
-DEFAULT_MAX_CONCURRENT_STREAMS = 100
-#: Share of the machine's (or the container's) memory the default memory budget may use.
-MEMORY_BUDGET_SHARE = 0.8
-#: Connection age (s) after which the server asks the client to reconnect (GOAWAY), so that
-#: clients balancing over DNS (a headless Service) find replicas added by a scale-up.
-MAX_CONNECTION_AGE_S = 300.0
-#: How long calls in flight on such a connection may still run before it is closed (s): an
-#: hour, longer than any sane Stylize deadline, so that ageing never cuts a call.
+#: How long calls in flight on an aged-out connection may still run before it is closed (s):
+#: an hour, longer than any sane Stylize deadline, so that ageing never cuts a call.
 MAX_CONNECTION_AGE_GRACE_S = 3600.0
-#: Addresses that mean "every interface".
-_ALL_INTERFACES = {"", "[::]", "::", "0.0.0.0", "*"}
-
-
-@dataclass
-class ServeConfig:
-    """Everything ``gramstyle serve`` takes; see its --help."""
-
-    host: str = "[::]"
-    port: int = 50051
-    arch: str = "vgg19"
-    #: One or more weights (imagenet, random or a path), all with ``arch``; the first is
-    #: the default model.
-    weights: Sequence[str] = ("imagenet",)
-    pooling: str = "max"
-    device: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_size: int = MAX_SIZE
-    max_iterations: int = MAX_ITERATIONS
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    workers: int = 1
-    queue_size: int = 4
-    grace_s: float = 30.0
-    metrics_port: int | None = None
-    #: Where the metrics listen; None: ``host``, or loopback when ``host`` is every interface.
-    metrics_host: str | None = None
-    #: Budget of the target cache the loaded models share (MiB; 0 turns it off).
-    target_cache_mb: int = DEFAULT_TARGET_CACHE_MB
-    #: Images per request (content, style, init image, candidate together).
-    max_images: int = DEFAULT_MAX_IMAGES
-    #: Largest estimated peak memory of one request, bytes (None: the memory budget).
-    max_request_memory: int | None = None
-    #: What the running requests' estimates may add up to, bytes (None: derived from the
-    #: machine's memory, see :func:`default_memory_budget`).
-    memory_budget: int | None = None
-    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
-    log_level: str = "INFO"
-    #: "text" (key=value) or "json" (one object per line).
-    log_format: str = "text"
-    #: TLS: the certificate chain and key (PEM paths); with ``tls_client_ca``, mutual TLS.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    #: Bearer tokens file (one per line); None: no token needed.
-    auth_tokens: str | None = None
-    #: Reflection and GetServerInfo answer without a token.
-    public_reflection: bool = False
-    #: Allow tokens over plaintext on a non-loopback address (warns).
-    insecure_auth: bool = False
-    #: A plaintext port serving only grpc.health.v1 (for kubelet probes); None: none.
-    health_port: int | None = None
-
-
-# ---------------------------------------------------------------------------- machine
-
-
-def machine_memory() -> int:
-    """Bytes of memory this process may use: the machine's, or its container's limit
-    (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``) when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def process_rss() -> int:
-    """This process's resident memory, in bytes (0 where /proc is missing)."""
-    try:
-        match = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
-    except OSError:
-        return 0
-    return int(match.group(1)) * 1024 if match else 0
-
-
-def default_memory_budget(reserved: int = 0) -> int:
-    """The default ``--memory-budget``: ``MEMORY_BUDGET_SHARE`` of :func:`machine_memory`,
-    less what this process already holds (the loaded models) and ``reserved`` bytes (the
-    target cache), and at least 256 MiB."""
-    budget = int(MEMORY_BUDGET_SHARE * machine_memory()) - process_rss() - reserved
-    return max(256 * 2**20, budget)
-
-
-def default_metrics_host(host: str) -> str:
-    """``--metrics-host``'s default: ``host``, or loopback when ``host`` is every interface
-    (metrics are for the machine's own scraper unless asked for)."""
-    return "127.0.0.1" if host.strip() in _ALL_INTERFACES else host.strip("[]")
-
-
-def _bind_problem(host: str, port: int) -> str:
-    """Why gRPC could not listen on host:port, found by trying to bind the same address."""
-    address = host.strip("[]") or "::"
-    try:
-        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC does: a port in TIME_WAIT is free, a listening one is not.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return f"port {port} is already in use"
-                if exc.errno == errno.EACCES:
-                    return f"port {port}: permission denied (ports below 1024 need privileges)"
-                return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    return f"cannot listen on {host}:{port}"
-
-
-# ---------------------------------------------------------------------------- health
-
-
-class _HealthServicer(health.aio.HealthServicer):
-    """grpc_health's asyncio servicer, with ``Watch`` fixed for many watchers.
-
-    Upstream's Watch forgets a service's condition when *any* of its watchers leaves, so the
-    others never hear of a later change (NOT_SERVING at shutdown), and it writes while
-    holding the condition's lock, so one watcher that does not read blocks every status
-    change. Here the condition lives while anyone watches, and writes happen outside it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._watching: collections.Counter[str] = collections.Counter()
-
-    def _status(self, service: str) -> int:
-        return self._server_status.get(service,
-                                       health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        service = request.service
-        condition = self._server_watchers[service]
-        self._watching[service] += 1
-        last = None
-        try:
-            while True:
-                status = self._status(service)
-                if status != last:
-                    await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last = status
-                async with condition:
-                    if self._status(service) == last:
-                        await condition.wait()
-        finally:
-            self._watching[service] -= 1
-            if self._watching[service] <= 0:
-                del self._watching[service]
-                self._server_watchers.pop(service, None)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -245,55 +82,45 @@ class GramstyleServer:
 
     Args:
         engines: the loaded models; the first is the default.
-        host, port: where to listen (port 0: a free one, see ``.port``). Raises OSError
-            ("port N is already in use") when the address is taken.
-        workers, queue_size: compute threads, and jobs that may wait for one.
-        max_iterations, max_message_bytes: per-request limits.
-        metrics: where to count (a fresh :class:`Metrics` by default).
-        max_images: images per request.
-        max_request_memory: largest estimated peak memory of one request, bytes (None: the
-            memory budget).
-        memory_budget: what the running jobs' estimates may add up to, bytes (None: derived
-            from the machine's memory, :func:`default_memory_budget`).
-        max_concurrent_streams: streams one connection may have open at once.
-        tls: serve TLS (mutual TLS when it has a client CA) with these files, reloaded by
-            :meth:`reload` and when they change on disk (None: plaintext).
-        tokens: require a bearer token from this store on every call but health (None: no
-            token needed); ``public_reflection`` also opens reflection and GetServerInfo.
-        health_port: also listen on this plaintext port (0: a free one, see
-            ``.health_port``) with only grpc.health.v1, mirroring the main port's status.
-        max_connection_age_s: the server closes (GOAWAY) a client connection after about
-            this long, so that ``dns:///`` clients resolve again and find new replicas; calls
-            in flight on it go on (up to ``MAX_CONNECTION_AGE_GRACE_S``).
+        config: every setting (:class:`ServeConfig`): where to listen (port 0: a free one,
+            see ``.port``; OSError "port N is already in use" when the address is taken),
+            the workers and queue, the per-request limits, the memory budget (None: derived
+            from the machine's memory, :func:`default_memory_budget`), the health port (0:
+            a free one, see ``.health_port``), the connection age. The model settings
+            (arch, weights, ..., max_size, max_pixels) are :func:`load_engines`', and
+            ``metrics_port``, ``metrics_host`` and ``grace_s`` are :func:`run`'s.
+        tls, tokens: the TLS files (mutual TLS when they have a client CA) and the bearer
+            token store, already read (:func:`run` reads them before the model loads, so
+            that a bad file fails fast). When neither is given they are read from
+            ``config``'s paths (:func:`security_from_config`); None after that: plaintext,
+            no token needed. Both are reloaded by :meth:`reload` and when they change on
+            disk.
     """
 
-    def __init__(self, engines: Sequence[StyleTransfer], *, host: str = "[::]", port: int = 0,
-                 workers: int = 1, queue_size: int = 4,
-                 max_iterations: int = MAX_ITERATIONS,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 metrics: Metrics | None = None, max_images: int = DEFAULT_MAX_IMAGES,
-                 max_request_memory: int | None = None, memory_budget: int | None = None,
-                 max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
-                 tls: TlsFiles | None = None, tokens: TokenStore | None = None,
-                 public_reflection: bool = False, health_port: int | None = None,
-                 max_connection_age_s: float = MAX_CONNECTION_AGE_S):
-        self.tls, self.tokens, self.public_reflection = tls, tokens, public_reflection
-        self.max_connection_age_s = max_connection_age_s
+    def __init__(self, engines: Sequence[StyleTransfer], config: ServeConfig, *,
+                 tls: TlsFiles | None = None, tokens: TokenStore | None = None):
+        if tls is None and tokens is None:
+            tls, tokens = security_from_config(config)
+        self.config = config
+        self.tls, self.tokens, self.public_reflection = tls, tokens, config.public_reflection
+        self.max_connection_age_s = config.max_connection_age_s
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.metrics.watch_target_caches(e.target_cache for e in engines)
+        memory_budget = config.memory_budget
         if memory_budget is None:
             caches = {id(e.target_cache): e.target_cache for e in engines}.values()
             memory_budget = default_memory_budget(sum(c.max_bytes for c in caches))
         self.metrics.memory_budget.set(memory_budget)
-        self.work = WorkQueue(workers, queue_size, memory_budget=memory_budget,
+        self.work = WorkQueue(config.workers, config.queue_size, memory_budget=memory_budget,
                               on_change=self.metrics.set_load)
         self.service = StyleTransferService(
-            engines, self.work, max_iterations=max_iterations,
-            max_message_bytes=max_message_bytes, max_images=max_images,
-            max_request_memory=max_request_memory, on_iterations=self.metrics.iterations.inc)
-        self.host = host
+            engines, self.work, max_iterations=config.max_iterations,
+            max_message_bytes=config.max_message_bytes, max_images=config.max_images,
+            max_request_memory=config.max_request_memory,
+            on_iterations=self.metrics.iterations.inc)
+        self.host = config.host
         self._lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -303,10 +130,11 @@ class GramstyleServer:
         self._thread.start()
         try:
             self.server, self.health, self.port = self._call(self._build(
-                host, port, max_message_bytes, max_concurrent_streams))
-            if health_port is not None:
+                config.host, config.port, config.max_message_bytes,
+                config.max_concurrent_streams))
+            if config.health_port is not None:
                 self.health_server, self.health_port = self._call(
-                    self._build_health(host, health_port))
+                    self._build_health(config.host, config.health_port))
         except BaseException:
             self._close()
             raise
@@ -315,7 +143,7 @@ class GramstyleServer:
 
     def _serve_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.set_exception_handler(_log_loop_error)
+        self._loop.set_exception_handler(log_loop_error)
         try:
             self._loop.run_forever()
         finally:
@@ -340,7 +168,7 @@ class GramstyleServer:
         self._stopped.set()
 
     async def _build(self, host: str, port: int, max_message_bytes: int, streams: int
-                     ) -> tuple[grpc.aio.Server, _HealthServicer, int]:
+                     ) -> tuple[grpc.aio.Server, HealthServicer, int]:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor(self.metrics)]
         if self.tokens is not None:  # after the log: refused calls are logged and counted
             interceptors.append(AuthInterceptor(self.tokens, self.public_reflection))
@@ -362,7 +190,7 @@ class GramstyleServer:
                 ("grpc.max_connection_age_grace_ms", int(MAX_CONNECTION_AGE_GRACE_S * 1000)),
             ])
         pb_grpc.add_StyleTransferServiceServicer_to_server(self.service, server)
-        servicer = _HealthServicer()
+        servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -374,7 +202,7 @@ class GramstyleServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise OSError(_bind_problem(host, port))
+            raise OSError(bind_problem(host, port))
         return server, servicer, bound
 
     async def _build_health(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
@@ -389,7 +217,7 @@ class GramstyleServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise OSError(f"--health-port: {_bind_problem(host, port)}")
+            raise OSError(f"--health-port: {bind_problem(host, port)}")
         return server, bound
 
     def reload(self) -> None:
@@ -450,13 +278,6 @@ class GramstyleServer:
         self.stop(grace=None)
 
 
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Unexpected errors on the server's loop: one log line, with the traceback if any."""
-    exc = context.get("exception")
-    log.error("event loop: %s", context.get("message", "error"),
-              exc_info=exc if isinstance(exc, BaseException) else None)
-
-
 # ---------------------------------------------------------------------------- gramstyle serve
 
 
@@ -470,59 +291,63 @@ def load_engines(config: ServeConfig) -> list[StyleTransfer]:
             for w in config.weights]
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def run(config: ServeConfig, signals: Signals | None = None) -> int:
+    """Load, serve until SIGTERM/SIGINT, drain, and return the exit code (0, also for a stop
+    during start-up). Raises OSError when the port is taken ("port N is already in use"),
+    ValueError naming the option when a TLS or token file is bad (checked before the model
+    loads).
+
+    ``signals``: handlers the caller installed earlier (the CLI does, before importing torch);
+    None: installed here, from now until the return."""
+    if signals is None:
+        with Signals() as own:
+            return run(config, own)
+    signals.grace_s = config.grace_s
+    try:
+        tls, tokens = security_from_config(config)
+        engines = load_engines(config)
+        server = GramstyleServer(engines, config, tls=tls, tokens=tokens)
+        signals.serving(server)
+    except StartupCancelled:
+        return 0
+    try:
+        metrics_note = _serve_metrics(server, config)
+    except BaseException:
+        server.stop(None)
+        raise
+    server.start()
+    _print_ready(server, config, engines, metrics_note)
+    # A timed wait keeps the main thread responsive to signals on every platform.
+    while not signals.stop_requested.wait(1.0):
+        pass
+    server.stop(config.grace_s)
+    log.info("stopped")
+    return 0
 
 
-def run(config: ServeConfig) -> int:
-    """Load, serve until SIGTERM/SIGINT, drain, and return the exit code (0). Raises OSError
-    when the port is taken ("port N is already in use"), ValueError naming the option when a
-    TLS or token file is bad (checked before the model loads)."""
-    tls, tokens = security_from_config(config)
-    engines = load_engines(config)
-    server = GramstyleServer(
-        engines, host=config.host, port=config.port, workers=config.workers,
-        queue_size=config.queue_size, max_iterations=config.max_iterations,
-        max_message_bytes=config.max_message_bytes, max_images=config.max_images,
-        max_request_memory=config.max_request_memory, memory_budget=config.memory_budget,
-        max_concurrent_streams=config.max_concurrent_streams, tls=tls, tokens=tokens,
-        public_reflection=config.public_reflection, health_port=config.health_port)
-    stop_requested = threading.Event()
-    signals = 0
+def _serve_metrics(server: GramstyleServer, config: ServeConfig) -> str:
+    """Start the metrics endpoint when asked for; the ready line's note about it."""
+    if config.metrics_port is None:
+        return ""
+    host = config.metrics_host or default_metrics_host(config.host)
+    try:
+        port = server.metrics.serve_http(config.metrics_port, addr=host)
+    except OSError as exc:
+        raise OSError(f"--metrics-port: cannot listen on {host}:{config.metrics_port}: "
+                      f"{exc.strerror or exc}") from None
+    return f", metrics on :{port}/metrics (host {host})"
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal signals
-        signals += 1
-        log.info("received %s; shutting down (grace %.0f s)", signal.Signals(signum).name,
-                 config.grace_s)
-        if signals > 1:
-            server.stop(None)  # the drain is under way: cancel what is left
-        stop_requested.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # SIGHUP: re-read the certificate, key, client CA and tokens (cert-manager rotation,
-    # a new token list), off the signal handler so that file reads and logging are safe.
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
-        target=server.reload, name="gramstyle-reload", daemon=True).start())
+def _print_ready(server: GramstyleServer, config: ServeConfig,
+                 engines: Sequence[StyleTransfer], metrics_note: str) -> None:
+    """The one ``ready`` line on stdout (and an ERROR log when the compiled op is missing)."""
     security_note = ""
-    if tls is not None:
-        security_note += ", mutual TLS" if tls.mutual else ", TLS"
-    if tokens is not None:
-        security_note += f", bearer tokens ({len(tokens)})"
+    if server.tls is not None:
+        security_note += ", mutual TLS" if server.tls.mutual else ", TLS"
+    if server.tokens is not None:
+        security_note += f", bearer tokens ({len(server.tokens)})"
     if server.health_port is not None:
         security_note += f", plaintext health on :{server.health_port}"
-    metrics_note = ""
-    if config.metrics_port is not None:
-        metrics_host = config.metrics_host or default_metrics_host(config.host)
-        try:
-            metrics_port = server.metrics.serve_http(config.metrics_port, addr=metrics_host)
-        except OSError as exc:
-            server.stop(None)
-            raise OSError(f"--metrics-port: cannot listen on {metrics_host}:"
-                          f"{config.metrics_port}: {exc.strerror or exc}") from None
-        metrics_note = f", metrics on :{metrics_port}/metrics (host {metrics_host})"
-    server.start()
     default = engines[0]
     models = ", ".join(f"{e.arch}/{e.weights_name}" for e in engines)
     problem = kernels.load_error()
@@ -530,18 +355,13 @@ def run(config: ServeConfig) -> int:
         log.error("the compiled Gram op did not load (%s); running the einsum fallback, "
                   "which is slower. Reinstall gramstyle against the installed torch.", problem)
     limits = server.service.limits()
+    budget = format_size(limits["memory_budget_bytes"], digits=1)
+    per_request = format_size(limits["max_request_memory_bytes"], digits=1)
     print(f"gramstyle server ready on port {server.port}: model {models}, device "
           f"{default.device}, backend {default.backend}, precision auto={default.auto_precision}"
           f", workers {config.workers}, queue {config.queue_size}, target cache "
-          f"{config.target_cache_mb} MiB, memory budget {_gib(limits['memory_budget_bytes'])} "
-          f"(per request {_gib(limits['max_request_memory_bytes'])}), max images "
-          f"{config.max_images}{metrics_note}{security_note}", flush=True)
-    # A timed wait keeps the main thread responsive to signals on every platform.
-    while not stop_requested.wait(1.0):
-        pass
-    server.stop(config.grace_s)
-    log.info("stopped")
-    return 0
+          f"{config.target_cache_mb} MiB, memory budget {budget} (per request {per_request}), "
+          f"max images {config.max_images}{metrics_note}{security_note}", flush=True)
 
 
 def security_from_config(config: ServeConfig) -> tuple[TlsFiles | None, TokenStore | None]:
@@ -561,13 +381,5 @@ def security_from_config(config: ServeConfig) -> tuple[TlsFiles | None, TokenSto
     return tls, tokens
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Logs to stderr: ``fmt`` 'text' (one line each; request lines as key=value) or 'json'
-    (one JSON object per line)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+__all__ = ["GramstyleServer", "ServeConfig", "configure_logging", "default_metrics_host",
+           "load_engines", "run", "security_from_config"]

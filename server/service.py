@@ -48,7 +48,9 @@ from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
 from gramstyle.results import ModelInfo, ServerInfo
 from gramstyle.server import memory
 from gramstyle.server.admission import QueueFull, ShuttingDown, WorkQueue
+from gramstyle.server.config import DEFAULT_MAX_IMAGES
 from gramstyle.server.status import ModelNotLoaded, abort
+from gramstyle.sizes import format_size
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
@@ -56,8 +58,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransferService"].full_name
 
-#: Images a request may carry (content, style, init image and candidate together).
-DEFAULT_MAX_IMAGES = 8
 #: Progress messages held for a caller that reads slowly; older ones are dropped.
 RELAY_LIMIT = 16
 
@@ -65,10 +65,6 @@ RELAY_LIMIT = 16
 def _shown(text: str) -> str:
     """A caller's string as it is, or cut to a preview when long (see options.preview)."""
     return text if len(text) <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}… ({len(text)} chars)"
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class _Relay:
@@ -210,7 +206,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         else:
             field, advice = "size", "lower size or style_scale, or use fewer loss layers"
         raise ValueError(f"{field}: the request needs {estimate.describe()}, over this "
-                         f"server's limit of {_size(limit)} per request; {advice}")
+                         f"server's limit of {format_size(limit)} per request; {advice}")
 
     async def _headers_of(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` (which reads image headers) on the header pool, off the event loop."""

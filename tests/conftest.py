@@ -226,13 +226,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 # ------------------------------------------------------------------------ in-process servers
 
 
-def build_server(engines: list, **settings: Any):
+def build_server(engines: list, *, tls: Any = None, tokens: Any = None, **settings: Any):
     """An in-process ``GramstyleServer`` (not started) over ``engines``, on 127.0.0.1 and an
-    ephemeral port unless ``settings`` say otherwise; ``settings`` are server settings
-    (workers, queue_size, max_images, ...)."""
+    ephemeral port unless ``settings`` say otherwise. ``settings`` are ``ServeConfig`` fields
+    (workers, queue_size, max_images, ...); ``tls`` and ``tokens`` the server's TLS files and
+    token store."""
+    from gramstyle.server.config import ServeConfig
     from gramstyle.server.serve import GramstyleServer
 
-    return GramstyleServer(list(engines), **{"host": "127.0.0.1", "port": 0, **settings})
+    config = ServeConfig(**{"host": "127.0.0.1", "port": 0, **settings})
+    return GramstyleServer(list(engines), config, tls=tls, tokens=tokens)
 
 
 @pytest.fixture(scope="module")

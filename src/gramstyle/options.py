@@ -31,6 +31,16 @@ DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 POOLINGS = ("max", "avg")
 ARCHS = ("vgg19", "vgg16")
 DEVICES = ("auto", "cpu", "cuda")
+#: The network an engine or ``gramstyle serve`` loads when not told otherwise.
+DEFAULT_ARCH = "vgg19"
+DEFAULT_WEIGHTS = "imagenet"
+DEFAULT_POOLING = "max"
+DEFAULT_DEVICE = "auto"
+MODEL_DEFAULTS = {"arch": DEFAULT_ARCH, "weights": DEFAULT_WEIGHTS, "pooling": DEFAULT_POOLING,
+                  "device": DEFAULT_DEVICE}
+#: The target cache's default budget, MiB (an engine's, and ``gramstyle serve
+#: --target-cache-mb``).
+DEFAULT_TARGET_CACHE_MB = 256
 
 #: Hard limits; the service may lower them.
 MAX_SIZE = 2048
@@ -354,8 +364,10 @@ def markdown_table() -> str:
 
 
 __all__ = [
-    "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_CONTENT_LAYERS",
-    "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEVICES", "MAX_ITERATIONS",
+    "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_ARCH",
+    "DEFAULT_CONTENT_LAYERS", "DEFAULT_DEVICE", "DEFAULT_POOLING", "DEFAULT_TARGET_CACHE_MB",
+    "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEFAULT_WEIGHTS", "DEVICES", "MAX_ITERATIONS",
+    "MODEL_DEFAULTS",
     "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS", "OptionSpec", "StyleOptions",
     "check_choice", "check_weight", "check_weights", "enum_choices", "flag_of",
     "layer_names", "markdown_table", "preview", "scale_sizes",

@@ -344,7 +344,7 @@ def captured_config(monkeypatch):
     from gramstyle.server import serve
 
     seen = []
-    monkeypatch.setattr(serve, "run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(serve, "run", lambda config, *signals: seen.append(config) or 0)
     monkeypatch.setattr(serve, "configure_logging", lambda *args: None)
     return seen
 
