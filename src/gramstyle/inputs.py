@@ -33,12 +33,12 @@ from gramstyle.images import long_side_size
 RPCS = ("Stylize", "ComputeLosses")
 
 #: How an input enters the memory estimate. Every input costs its encoded bytes and its
-#: decoded pixels (held for the whole run), plus:
+#: decoded pixels, held for the whole run; beyond that:
 MEMORY = {
-    "own": "nothing more: it is used at its own size (or becomes the optimised image)",
-    "output": "a copy resized to the output size, a float tensor kept for the run",
-    "style": "a copy resized to its style size (long side output * style_scale), a float "
-             "tensor kept for the run",
+    "own": "decoded at its own size only (resized, it is the image optimised or scored)",
+    "output": "decoded, and resized to the output size: a float copy kept for the run",
+    "style": "decoded, and resized to its style size (long side: the output's times "
+             "style_scale): a float copy kept for the run",
 }
 
 
@@ -167,5 +167,24 @@ def resized_size(entry: ImageInput, image: Sized, output: tuple[int, int],
     return None
 
 
+def markdown_table() -> str:
+    """The image-input table of docs/options.md, generated from the declarations."""
+    rows = ["| input | CLI flag | request field | calls | counts toward `--max-images` | "
+            "header read before admission | memory estimate | meaning |",
+            "|---|---|---|---|---|---|---|---|"]
+    for entry in INPUTS:
+        flag = f"`{entry.flag} {entry.metavar}`" if entry.flag.startswith("-") \
+            else f"`{entry.metavar}` (positional)"
+        flag += " (repeat)" if entry.repeated else ""
+        field = entry.field + ("[]" if entry.repeated else "") + (
+            f".{entry.part}" if entry.part else "")
+        paired = f"; one per `{entry.paired_with}` image" if entry.paired_with else ""
+        rows.append(
+            f"| `{entry.name}` | {flag} | `{field}` | {', '.join(entry.rpcs)} | "
+            f"{'yes' if entry.counts else 'no'} | {'yes' if entry.probed else 'no'} | "
+            f"{MEMORY[entry.memory]} | {entry.help}{paired} |")
+    return "\n".join(rows)
+
+
 __all__ = ["INPUTS", "MEMORY", "RPCS", "ImageInput", "Sized", "check_order", "input_named",
-           "inputs_of", "output_size", "resized_size", "style_side"]
+           "inputs_of", "markdown_table", "output_size", "resized_size", "style_side"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
@@ -237,3 +239,11 @@ def test_the_engine_resizes_as_the_table_says(random_engine, images):
         by["content"], content, output, 1.5)
     assert tuple(objective.styles[0].shape[-2:])[::-1] == inputs.resized_size(
         by["style"], style, output, 1.5)
+
+
+def test_docs_inputs_table_matches_the_declarations():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "options.md").read_text()
+    match = re.search(r"<!-- inputs-table[^>]*-->\n(.*?)\n<!-- /inputs-table -->", text, re.S)
+    assert match, "docs/options.md lost its generated inputs-table markers"
+    assert match.group(1) == inputs.markdown_table(), (
+        "docs/options.md is out of date: paste gramstyle.inputs.markdown_table()")
