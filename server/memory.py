@@ -195,7 +195,7 @@ def _resized_inputs(images: Mapping[str, Sequence[ImageHeader]], width: int, hei
         for header in headers:
             size = resized_size(entry, header, (width, height), style_scale)
             if size is not None:
-                kept += _RGB_TENSOR // 3 * entry.channels * size[0] * size[1]
+                kept += 4 * entry.channels * size[0] * size[1]  # float32 per channel
                 transients.append(_resize_bytes(header, *size))
     return kept, transients
 
