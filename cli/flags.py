@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from gramstyle.images import load_image
-from gramstyle.inputs import check_order, inputs_of
+from gramstyle.inputs import INPUTS, check_order, inputs_of
 from gramstyle.options import (
     ARCHS,
     DEVICES,
@@ -30,6 +30,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Field names whose CLI flag is not simply --field-with-dashes, beyond the options' own.
 _EXTRA_FLAGS = {"progress_sheet": "--progress-sheet"}
 _FLAGS = {name: flag_of(name, spec) for name, spec, _ in StyleOptions.specs()}
+_FLAGS.update({entry.name: entry.flag for entry in INPUTS if entry.flag.startswith("-")})
 #: The call each command makes (its image inputs are those of gramstyle.inputs for it).
 COMMAND_RPC = {"stylize": "Stylize", "losses": "ComputeLosses"}
 
