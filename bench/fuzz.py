@@ -47,6 +47,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
+from gramstyle.inputs import INPUTS
 from gramstyle.v1 import gramstyle_pb2 as pb
 
 SERVICE = "gramstyle.v1.StyleTransferService"
@@ -57,8 +58,8 @@ BAD_CODES = ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED")
 #: Layer names and indices that exist in VGG19/VGG16, to reach past the name checks.
 LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1", "conv1_1",
           "pool1", "pool5", "0", "2", "22", "36")
-#: Image fields of the requests (bytes fields that carry an encoded image).
-IMAGE_FIELDS = {"data", "candidate", "init_image"}
+#: Image fields of the requests (bytes fields that carry an encoded image), as declared.
+IMAGE_FIELDS = {entry.part or entry.field for entry in INPUTS}
 #: Fields set in most cases: without them (or with their defaults) a case stops at the
 #: first check on a fuzz server's small limits.
 _USUALLY_SET = {"content", "style", "data", "candidate", "iterations", "size"}

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from gramstyle.images import load_image
+from gramstyle.inputs import INPUTS, check_order, inputs_of
 from gramstyle.options import (
     ARCHS,
     DEFAULT_ARCH,
@@ -34,6 +35,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Field names whose CLI flag is not simply --field-with-dashes, beyond the options' own.
 _EXTRA_FLAGS = {"progress_sheet": "--progress-sheet"}
 _FLAGS = {name: flag_of(name, spec) for name, spec, _ in StyleOptions.specs()}
+_FLAGS.update({entry.name: entry.flag for entry in INPUTS if entry.flag.startswith("-")})
+#: The call each command makes (its image inputs are those of gramstyle.inputs for it).
+COMMAND_RPC = {"stylize": "Stylize", "losses": "ComputeLosses"}
 
 
 class CLIError(Exception):
@@ -104,12 +108,19 @@ def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
 
 
 def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
-    """A flag for every option in ``scope`` ('losses' or 'stylize'), plus --content/--style."""
+    """A flag for every option in ``scope`` ('losses' or 'stylize'), and one for every image
+    input of the command's call (:mod:`gramstyle.inputs`: --content, --style, ...)."""
     images = parser.add_argument_group("images")
-    images.add_argument("--content", action="append", default=[], metavar="IMAGE",
-                        help="content image (repeat for several targets)")
-    images.add_argument("--style", action="append", default=[], metavar="IMAGE",
-                        help="style image (repeat to blend several styles)")
+    for entry in inputs_of(COMMAND_RPC[scope]):
+        if not entry.flag.startswith("-"):  # positional
+            parser.add_argument(entry.name, metavar=entry.metavar, help=entry.help,
+                                **({"nargs": "*"} if entry.repeated else {}))
+        elif entry.repeated:
+            images.add_argument(entry.flag, dest=entry.name, action="append", default=[],
+                                metavar=entry.metavar, help=entry.help)
+        else:
+            images.add_argument(entry.flag, dest=entry.name, metavar=entry.metavar,
+                                help=entry.help)
     groups = {"losses": parser.add_argument_group("losses")}
     if scope == "stylize":
         groups["stylize"] = parser.add_argument_group("optimisation")
@@ -124,13 +135,25 @@ def given_options(args: argparse.Namespace, scope: str) -> dict[str, Any]:
             if getattr(args, name, None) is not None}
 
 
-def check_image_files(args: argparse.Namespace) -> None:
-    """Decode every --content/--style file once, so a bad one fails before a model loads or a
-    server is called. The paths (not the decoded images) are passed on afterwards, so that a
-    server receives the original bytes."""
-    for field in ("content", "style"):
-        for i, path in enumerate(getattr(args, field)):
-            load_image(path, f"{field}[{i}]", max_pixels=None)
+def image_arguments(args: argparse.Namespace, scope: str) -> dict[str, Any]:
+    """The image inputs of the command's call as given on the command line, by input name:
+    the keyword arguments of the client's and the engine's call (paths; a list for a
+    repeated input, a path or None for a single one)."""
+    return {entry.name: getattr(args, entry.name) for entry in inputs_of(COMMAND_RPC[scope])}
+
+
+def check_image_files(args: argparse.Namespace, scope: str) -> dict[str, list[tuple[int, int]]]:
+    """Decode every image file given once (the candidate first), so a bad one fails before a
+    model loads or a server is called; return each input's (width, height) sizes as
+    decoded. The paths (not the decoded images) are passed on afterwards, so that a server
+    receives the original bytes."""
+    sizes: dict[str, list[tuple[int, int]]] = {}
+    for entry in check_order(COMMAND_RPC[scope]):
+        given = getattr(args, entry.name)
+        paths = given if entry.repeated else [] if given is None else [given]
+        sizes[entry.name] = [load_image(path, entry.error_field(i), max_pixels=None).size
+                             for i, path in enumerate(paths)]
+    return sizes
 
 
 # ---------------------------------------------------------------------------- network, remote

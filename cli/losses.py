@@ -16,10 +16,11 @@ from gramstyle.cli.flags import (
     check_image_files,
     connect,
     given_options,
+    image_arguments,
     load_engine,
 )
 from gramstyle.cli.report import format_losses
-from gramstyle.images import load_image, write_bytes_atomic
+from gramstyle.images import write_bytes_atomic
 from gramstyle.options import StyleOptions
 
 
@@ -29,7 +30,6 @@ def add_parser(sub) -> None:
                        description="Content, style, tv and total losses of CANDIDATE against "
                                    "the content and style targets, with a per-layer table. "
                                    "Content images are resized to the candidate's size.")
-    p.add_argument("candidate", metavar="CANDIDATE", help="the image to score")
     add_option_flags(p, "losses")
     add_model_flags(p)
     add_remote_flags(p)
@@ -49,11 +49,11 @@ def check_gradient_path(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the loss table of a candidate image (in-process, or on --server)."""
-    candidate = load_image(args.candidate, "candidate", max_pixels=None)
-    check_image_files(args)
+    (candidate,) = check_image_files(args, "losses")["candidate"]
+    images = image_arguments(args, "losses")
     given = given_options(args, "losses")
     # The candidate's long side stands in for size (the style images are scaled from it).
-    options = StyleOptions(**given, size=max(16, *candidate.size)).validated()
+    options = StyleOptions(**given, size=max(16, *candidate)).validated()
     if args.gradient:
         check_gradient_path(args.gradient)
         try:
@@ -64,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if args.server:
         with connect(args) as client:
             report = client.compute_losses(
-                args.candidate, args.content, args.style, gradient=bool(args.gradient),
-                arch=args.arch or "", weights=args.weights or "", **given)
+                **images, gradient=bool(args.gradient), arch=args.arch or "",
+                weights=args.weights or "", **given)
         where = f"{report.device} on {client.target}, kernel {report.backend}"
     else:
-        report = load_engine(args).compute_losses(args.candidate, args.content, args.style,
-                                                  options, gradient=bool(args.gradient))
+        report = load_engine(args).compute_losses(**images, options=options,
+                                                  gradient=bool(args.gradient))
         where = f"{report.device}, kernel {report.backend}"
     print(format_losses(report.losses, options))
     if args.gradient:

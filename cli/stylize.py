@@ -17,6 +17,7 @@ from gramstyle.cli.flags import (
     check_image_files,
     connect,
     given_options,
+    image_arguments,
     load_engine,
 )
 from gramstyle.images import check_output_path, format_for_path, load_image, save_image
@@ -33,8 +34,6 @@ def add_parser(sub) -> None:
                        description="Optimise an image to match content features and style "
                                    "Gram matrices.")
     add_option_flags(p, "stylize")
-    p.add_argument_group("optimisation").add_argument(
-        "--init-image", metavar="IMAGE", help="start image for --init image")
     add_model_flags(p)
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
@@ -64,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save_every and args.save_every >= total:
         print(f"gramstyle: warning: --save-every {args.save_every} is not below the "
               f"{total} iterations; no frames will be written", file=sys.stderr)
-    check_image_files(args)
-    if args.init_image:
-        load_image(args.init_image, "init_image", max_pixels=None)
+    check_image_files(args, "stylize")
+    images = image_arguments(args, "stylize")
 
     every = options.progress_every
     frames: list = []
@@ -108,14 +106,12 @@ def run(args: argparse.Namespace) -> int:
                                        if want_preview else 1)
             with connect(args) as client:
                 result = client.stylize(
-                    args.content, args.style, progress=on_progress, preview=want_preview,
-                    init_image=args.init_image, arch=args.arch or "",
-                    weights=args.weights or "",
+                    **images, progress=on_progress, preview=want_preview,
+                    arch=args.arch or "", weights=args.weights or "",
                     output_format=codec.format_name(format_for_path(output)), **given)
         else:
             options.progress_every = 1  # the bar moves every iteration; frames picked above
-            result = load_engine(args).stylize(args.content, args.style, options,
-                                               init_image=args.init_image,
+            result = load_engine(args).stylize(**images, options=options,
                                                progress=on_progress, preview=want_preview)
     save_image(result.image, output, "output")
     if args.progress_sheet:

@@ -99,10 +99,11 @@ class Client(ClientBase):
             options: a ``StyleOptions`` (or any object with its fields) to start from.
             timeout: deadline in seconds for the whole stream (default: the client's).
             **kwargs: any ``StyleOptions`` field (size=256, iterations=100,
-                style_layers=[...], ...; None leaves the server default), and
-                init_image (the start image), preview (progress carries the current image),
-                output_format ('png', 'jpeg' or 'webp'), arch and weights (one of the
-                server's loaded models; default: its default).
+                style_layers=[...], ...; None leaves the server default), the other image
+                inputs of Stylize by name (see :mod:`gramstyle.inputs`; init_image: the
+                start image), preview (progress carries the current image), output_format
+                ('png', 'jpeg' or 'webp'), arch and weights (one of the server's loaded
+                models; default: its default).
         """
         return StylizeStream(self._stylize(content, style, options, timeout, kwargs))
 

@@ -31,6 +31,7 @@ from gramstyle.engine.precision import resolve_precision
 from gramstyle.engine.target_cache import TargetCache, image_digest
 from gramstyle.engine.tensors import to_tensor
 from gramstyle.images import long_side_size
+from gramstyle.inputs import output_size, style_side
 from gramstyle.options import StyleOptions, check_weights
 from gramstyle.results import Losses
 
@@ -41,11 +42,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def style_side(width: int, height: int, style_scale: float) -> int:
-    """Long side (px) the style images are resized to for a ``width`` x ``height`` output."""
-    return max(16, round(max(width, height) * style_scale))
 
 
 def check_images(contents: Sequence[Image.Image], styles: Sequence[Image.Image],
@@ -206,8 +202,7 @@ class Objective:
         tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
         if size is None:
-            first = contents[0] if contents else styles[0]
-            size = long_side_size(first.width, first.height, options.size)
+            size = output_size(contents, styles, options.size)
         width, height = size
         side = style_side(width, height, options.style_scale)
 

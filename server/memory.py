@@ -12,10 +12,11 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
 - **images**: the encoded bytes (the request holds them, and a copy is taken), every decoded
   image kept as RGB (Pillow stores 4 bytes per pixel) for the whole run, and the largest
   one's decoding transient (its native mode, rotation, conversion, the cache digest);
-- **targets**: the content images at the output size and the style images at their resized
-  size as float tensors (kept), the resize and conversion transients of one image, the
-  content feature maps at the content layers (kept, plus their blend), and one no-grad
-  network pass (:func:`_forward_peak`);
+- **targets**: the resized copies of the inputs as float tensors (kept), as each input's
+  declaration says (:data:`gramstyle.inputs.MEMORY`: the content images at the output
+  size, the style images at their style size), the resize and conversion transients of one
+  image, the content feature maps at the content layers (kept, plus their blend), and one
+  no-grad network pass (:func:`_forward_peak`);
 - **activations**: the optimised image's forward pass with autograd: every ReLU and pooling
   output up to the deepest loss layer is kept for the backward pass (and a convolution
   output a loss reads; max-pool indices are int64), the losses' copies of the feature maps
@@ -36,13 +37,13 @@ the estimate against the measured peak RSS of real requests (it must never be be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from gramstyle.engine.objective import style_side
 from gramstyle.images import ImageHeader, decoded_bytes
+from gramstyle.inputs import input_named, output_size, resized_size
 from gramstyle.options import StyleOptions, scale_sizes
 from gramstyle.sizes import format_size
 
@@ -180,10 +181,27 @@ def _resize_bytes(src: ImageHeader, width: int, height: int) -> int:
             * width * height)
 
 
-def _resized(header: ImageHeader, side: int) -> tuple[int, int]:
-    """(width, height) of ``header`` resized to long side ``side`` (as resize_long_side)."""
-    scale = side / max(header.width, header.height)
-    return max(1, round(header.width * scale)), max(1, round(header.height * scale))
+def _resized_inputs(images: Mapping[str, Sequence[ImageHeader]], width: int, height: int,
+                    style_scale: float) -> tuple[int, list[int]]:
+    """The bytes of the inputs' resized copies for a width x height output (kept for the
+    run; which inputs are resized, and to what size, is declared in gramstyle.inputs), and
+    the transient of making each."""
+    kept, transients = 0, []
+    for name, headers in images.items():
+        entry = input_named(name)
+        for header in headers:
+            size = resized_size(entry, header, (width, height), style_scale)
+            if size is not None:
+                kept += 4 * entry.channels * size[0] * size[1]  # float32 per channel
+                transients.append(_resize_bytes(header, *size))
+    return kept, transients
+
+
+def _held(images: Mapping[str, Sequence[ImageHeader]], encoded: int) -> tuple[int, int]:
+    """(held, transient) bytes of the inputs as images: the encoded bytes and every decoded
+    image (held for the run), and the largest one's decoding transient."""
+    headers = [h for each in images.values() for h in each]
+    return 2 * encoded + sum(_PIL_RGB * h.pixels for h in headers), _decoding(headers)
 
 
 def _decoding(headers: Sequence[ImageHeader]) -> int:
@@ -197,33 +215,31 @@ def _decoding(headers: Sequence[ImageHeader]) -> int:
     return max(map(cost, headers), default=0)
 
 
-def _targets(extractor: nn.Module, options: StyleOptions, contents: Sequence[ImageHeader],
-             styles: Sequence[ImageHeader], width: int, height: int, element: int
-             ) -> tuple[int, int]:
+def _targets(extractor: nn.Module, options: StyleOptions,
+             images: Mapping[str, Sequence[ImageHeader]], width: int, height: int,
+             element: int) -> tuple[int, int]:
     """(kept, transient) bytes of one objective at output size width x height: the tensors
     and target feature maps it keeps, and the largest transient of building it (one image's
     resize and network pass)."""
+    contents, styles = images["content"], images["style"]
     content_layers = list(options.content_layers) if contents else []
     style_layers = list(options.style_layers) if styles else []
-    side = style_side(width, height, options.style_scale)
-    style_sizes = [_resized(s, side) for s in styles]
-    kept = _RGB_TENSOR * width * height * len(contents)
-    kept += sum(_RGB_TENSOR * w * h for w, h in style_sizes)
-    transients = [0]
+    style_sizes = [resized_size(input_named("style"), s, (width, height), options.style_scale)
+                   for s in styles]
+    kept, transients = _resized_inputs(images, width, height, options.style_scale)
+    transients.append(0)
     if content_layers:
         features = _captured(extractor, content_layers, width, height, element)
         # Every content image's feature maps, then their float32 blend (kept as the target).
         kept += features * len(contents) + 2 * _captured(extractor, content_layers, width,
                                                          height, 4)
         transients.append(_forward_peak(extractor, content_layers, width, height, element))
-        transients += [_resize_bytes(c, width, height) for c in contents]
-    for (w, h), s in zip(style_sizes, styles, strict=True) if style_layers else ():
+    for w, h in style_sizes if style_layers else ():
         # The pass, then one Gram at a time while every captured map is still held.
         largest = max(_captured(extractor, [n], w, h, element) for n in style_layers)
         transients.append(max(_forward_peak(extractor, style_layers, w, h, element),
                               _captured(extractor, style_layers, w, h, element)
                               + largest * _gram_factor(element)))
-        transients.append(_resize_bytes(s, w, h))
     return kept, max(transients)
 
 
@@ -239,32 +255,22 @@ def _peak(phases: dict[str, dict[str, int]]) -> Estimate:
     return Estimate(int(OVERHEAD + MARGIN * sum(phases[name].values())), parts)
 
 
-def output_size(options: StyleOptions, contents: Sequence[ImageHeader],
-                styles: Sequence[ImageHeader], size: int | None = None) -> tuple[int, int]:
-    """The output (width, height) of a Stylize at long side ``size`` (default
-    ``options.size``): the first content image's aspect ratio, else the first style's."""
-    first = contents[0] if contents else styles[0] if styles else None
-    side = size or options.size
-    if first is None:
-        return side, side
-    return _resized(first, side)
-
-
 def estimate_stylize(extractor: nn.Module, options: StyleOptions,
                      contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
-                     init_image: ImageHeader | None = None, encoded: int = 0) -> Estimate:
-    """Peak bytes of a Stylize with validated ``options``; ``encoded``: the request's image
-    bytes."""
+                     others: Mapping[str, Sequence[ImageHeader]] | None = None,
+                     encoded: int = 0) -> Estimate:
+    """Peak bytes of a Stylize with validated ``options``; ``others``: the headers of the
+    request's other image inputs by name (see :mod:`gramstyle.inputs`); ``encoded``: the
+    request's image bytes."""
     element = _element(options)
-    inputs = [*contents, *styles, *([init_image] if init_image else [])]
-    images = 2 * encoded + sum(_PIL_RGB * h.pixels for h in inputs)
-    phases = {"decode": {"images": images + _decoding(inputs)}}
+    inputs = {"content": list(contents), "style": list(styles), **(others or {})}
+    images, decoding = _held(inputs, encoded)
+    phases = {"decode": {"images": images + decoding}}
     previous = 0  # the coarser scale's targets, held while the next ones are built
     for k, side in enumerate(scale_sizes(options.size, options.scales)):
-        width, height = output_size(options, contents, styles, side)
+        width, height = output_size(contents, styles, side)
         pixels = width * height
-        kept, transient = _targets(extractor, options, contents, styles, width, height,
-                                   element)
+        kept, transient = _targets(extractor, options, inputs, width, height, element)
         phases[f"targets{k}"] = {"images": images, "targets": previous + kept + transient}
         if options.optimizer == "lbfgs":
             optimiser = (2 * min(options.iterations, LBFGS_HISTORY) + 6) * _RGB_TENSOR * pixels
@@ -281,15 +287,18 @@ def estimate_stylize(extractor: nn.Module, options: StyleOptions,
 
 def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: ImageHeader,
                     contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
-                    gradient: bool, encoded: int = 0) -> Estimate:
+                    gradient: bool, encoded: int = 0,
+                    others: Mapping[str, Sequence[ImageHeader]] | None = None) -> Estimate:
     """Peak bytes of a ComputeLosses with validated ``options``, for a candidate of this
-    header (it fixes the size); ``encoded``: the request's image bytes."""
+    header (it fixes the size); ``encoded``: the request's image bytes; ``others`` as in
+    :func:`estimate_stylize`."""
     element = _element(options)
     width, height = candidate.width, candidate.height
     pixels = width * height
-    inputs = [candidate, *contents, *styles]
-    images = 2 * encoded + sum(_PIL_RGB * h.pixels for h in inputs)
-    kept, transient = _targets(extractor, options, contents, styles, width, height, element)
+    inputs = {"candidate": [candidate], "content": list(contents), "style": list(styles),
+              **(others or {})}
+    images, decoding = _held(inputs, encoded)
+    kept, transient = _targets(extractor, options, inputs, width, height, element)
     kept += 2 * _RGB_TENSOR * pixels  # the candidate as a tensor
     if gradient:
         network = _backprop(extractor, options, bool(contents), bool(styles), width, height,
@@ -300,11 +309,10 @@ def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: Imag
                   *(options.style_layers if styles else ())]
         network = _forward_peak(extractor, layers, width, height, element)
         out = 0
-    return _peak({"decode": {"images": images + _decoding(inputs)},
+    return _peak({"decode": {"images": images + decoding},
                   "targets": {"images": images, "targets": kept + transient},
                   "evaluate": {"images": images, "targets": kept, "activations": network,
                                "output": out}})
 
 
-__all__ = ["MARGIN", "OVERHEAD", "Estimate", "estimate_losses", "estimate_stylize",
-           "output_size"]
+__all__ = ["MARGIN", "OVERHEAD", "Estimate", "estimate_losses", "estimate_stylize"]

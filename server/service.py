@@ -44,6 +44,7 @@ import gramstyle
 from gramstyle import codec
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import ImageHeader, probe_image
+from gramstyle.inputs import check_order, input_named
 from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
 from gramstyle.results import ModelInfo, ServerInfo
 from gramstyle.server import memory
@@ -65,6 +66,11 @@ RELAY_LIMIT = 16
 def _shown(text: str) -> str:
     """A caller's string as it is, or cut to a preview when long (see options.preview)."""
     return text if len(text) <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}… ({len(text)} chars)"
+
+
+def _encoded(images: dict[str, list[bytes]]) -> int:
+    """The bytes of a request's encoded images."""
+    return sum(len(data) for each in images.values() for data in each)
 
 
 class _Relay:
@@ -178,9 +184,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         # header is read): neither default may be held against the server's limits.
         return engine, engine.validate(dataclasses.replace(options, size=16), MAX_ITERATIONS)
 
-    def _count(self, request: Any, extra: dict[str, int]) -> None:
-        """Refuse more than ``max_images`` images, before anything is decoded."""
-        counts = {"content": len(request.content), "style": len(request.style), **extra}
+    def _count(self, images: dict[str, list[bytes]]) -> None:
+        """Refuse more than ``max_images`` images (of the inputs declared to count, see
+        :mod:`gramstyle.inputs`), before anything is decoded."""
+        counts = {name: len(data) for name, data in images.items()
+                  if input_named(name).counts}
         total = sum(counts.values())
         if total > self.max_images:
             listed = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
@@ -212,10 +220,15 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         """``fn()`` (which reads image headers) on the header pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._headers, fn)
 
-    def _probe(self, images: Sequence[pb.WeightedImage], field: str, max_pixels: int
-               ) -> list[ImageHeader]:
-        return [probe_image(image.data, f"{field}[{i}]", max_pixels)
-                for i, image in enumerate(images)]
+    def _probe(self, rpc: str, images: dict[str, list[bytes]], engine: StyleTransfer
+               ) -> dict[str, list[ImageHeader]]:
+        """The headers of the inputs declared to be probed, by input name, in the order they
+        are checked (:func:`gramstyle.inputs.check_order`): allowed format, pixel limit, and
+        for the input that sets the output size (the candidate) ``max_size``."""
+        return {entry.name: [probe_image(data, entry.error_field(i), engine.max_pixels,
+                                         max_side=engine.max_size if entry.sets_size else None)
+                             for i, data in enumerate(images[entry.name])]
+                for entry in check_order(rpc) if entry.probed}
 
     def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:
         return self.work.submit(job, memory=estimate.total)
@@ -227,16 +240,14 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         try:
             engine, options = self._validate(request, codec.stylize_options)
             fmt = codec.output_format(request.output_format)
-            self._count(request, {"init_image": 1 if request.init_image else 0})
+            images = codec.request_images(request)
+            self._count(images)
 
             def plan() -> memory.Estimate:
-                contents = self._probe(request.content, "content", engine.max_pixels)
-                styles = self._probe(request.style, "style", engine.max_pixels)
-                init = (probe_image(request.init_image, "init_image", engine.max_pixels)
-                        if request.init_image else None)
-                encoded = sum(len(i.data) for i in (*request.content, *request.style))
-                return memory.estimate_stylize(engine.extractor, options, contents, styles,
-                                               init, encoded + len(request.init_image))
+                headers = self._probe("Stylize", images, engine)
+                return memory.estimate_stylize(
+                    engine.extractor, options, headers.pop("content"), headers.pop("style"),
+                    headers, _encoded(images))
 
             estimate = await self._headers_of(plan)
             self._fits(estimate, options, losses=False)
@@ -248,8 +259,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
         def job() -> pb.StylizeResponse:
             result = engine.stylize(
-                [image.data for image in request.content], [image.data for image in request.style],
-                options, init_image=request.init_image or None, preview=request.preview,
+                **codec.engine_images(request), options=options, preview=request.preview,
                 progress=lambda p: relay.put(codec.progress_message(p, fmt)),
                 should_stop=stop.is_set)
             if self._on_iterations is not None:
@@ -280,20 +290,19 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.ComputeLossesResponse:
         try:
             engine, options = self._validate(request, codec.losses_options, optimises=False)
-            self._count(request, {"candidate": 1})
+            images = codec.request_images(request)
+            self._count(images)
 
             def plan() -> tuple[memory.Estimate, StyleOptions]:
-                candidate = probe_image(request.candidate, "candidate", engine.max_pixels,
-                                        max_side=engine.max_size)
+                headers = self._probe("ComputeLosses", images, engine)
+                (candidate,) = headers.pop("candidate")
                 # As the engine does: the candidate's long side stands in for `size`.
                 checked = engine.validate(dataclasses.replace(
                     options, size=max(16, candidate.width, candidate.height)), MAX_ITERATIONS)
-                contents = self._probe(request.content, "content", engine.max_pixels)
-                styles = self._probe(request.style, "style", engine.max_pixels)
-                encoded = sum(len(i.data) for i in (*request.content, *request.style))
-                return memory.estimate_losses(engine.extractor, checked, candidate, contents,
-                                              styles, request.gradient,
-                                              encoded + len(request.candidate)), checked
+                return memory.estimate_losses(
+                    engine.extractor, checked, candidate, headers.pop("content"),
+                    headers.pop("style"), request.gradient, _encoded(images),
+                    others=headers), checked
 
             estimate, options = await self._headers_of(plan)
             self._fits(estimate, options, losses=True)
@@ -304,8 +313,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
         def job() -> pb.ComputeLossesResponse:
             report = engine.compute_losses(
-                request.candidate, [image.data for image in request.content],
-                [image.data for image in request.style], options, gradient=request.gradient,
+                **codec.engine_images(request), options=options, gradient=request.gradient,
                 should_stop=stop.is_set)
             return codec.loss_report_message(report)
 

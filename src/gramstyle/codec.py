@@ -9,6 +9,10 @@ requests and builds answers with it. Nothing else names a message field.
 - Enum values are derived from the proto descriptors: ``Precision.PRECISION_BF16`` is
   ``"bf16"``, ``ImageFormat.IMAGE_FORMAT_JPEG`` is ``"jpeg"``; ``*_UNSPECIFIED`` is the
   option's declared default.
+- Image inputs are driven by their declarations (:mod:`gramstyle.inputs`): the request
+  builders take each input of their call as the keyword argument of its name, and
+  :func:`request_images` / :func:`engine_images` read them back, so a new image input needs
+  no code here either.
 - Errors are ``ValueError`` (or ``TypeError`` for an unknown keyword) whose message starts
   with the option or request field name.
 """
@@ -24,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from gramstyle.images import FORMATS, ImageSource, encode_image, read_image_bytes
+from gramstyle.inputs import ImageInput, input_named, inputs_of
 from gramstyle.options import OptionSpec, StyleOptions, enum_choices, enum_prefix
 from gramstyle.results import (
     Losses,
@@ -40,6 +45,11 @@ _DEFAULTS: dict[str, Any] = {name: default for name, _, default in StyleOptions.
 #: The options each request takes.
 STYLIZE_OPTIONS = tuple(_SPECS)
 LOSS_OPTIONS = tuple(name for name, _, _ in StyleOptions.specs("losses"))
+#: The blend-weights option of each weighted image input ("content": content_blend_weights).
+_BLEND_WEIGHTS = {spec.of: name for name, spec in _SPECS.items() if spec.kind == "blend_weights"}
+#: The RPC each request message is the input of ("gramstyle.v1.StylizeRequest": "Stylize").
+_RPC_OF = {method.input_type.full_name: method.name
+           for method in pb.DESCRIPTOR.services_by_name["StyleTransferService"].methods}
 
 # ---------------------------------------------------------------------------- enums
 
@@ -102,16 +112,41 @@ def _as_list(sources: Sequence[ImageSource] | ImageSource | None) -> list[ImageS
     return list(sources)
 
 
-def _images(sources: Any, weights: Sequence[float] | None, field: str, weights_name: str
-            ) -> list[pb.WeightedImage]:
-    sources = _as_list(sources)
-    if weights is not None and len(weights) != len(sources):
-        # The server would say the same; saying it here saves uploading the images.
-        raise ValueError(f"{weights_name}: expected {len(sources)} value(s), one per image, "
-                         f"got {len(weights)}: {list(weights)}")
-    return [pb.WeightedImage(data=read_image_bytes(s, f"{field}[{i}]"),
-                             weight=None if weights is None else float(weights[i]))
-            for i, s in enumerate(sources)]
+def _check_pairs(entry: ImageInput, given: int, counts: Mapping[str, int]) -> None:
+    """A paired input (one image per image of another) has as many images as that one."""
+    if entry.paired_with and given and given != counts[entry.paired_with]:
+        raise ValueError(f"{entry.name}: expected {counts[entry.paired_with]} image(s), one "
+                         f"per {entry.paired_with} image, got {given}")
+
+
+def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str, Any]
+                   ) -> None:
+    """Write the image inputs of ``message``'s call (by declaration) into it: the encoded
+    bytes of each source (a path, bytes or a PIL image), with its blend weight if any."""
+    rpc = _RPC_OF[message.DESCRIPTOR.full_name]
+    given = {entry.name: _as_list(sources.get(entry.name)) for entry in inputs_of(rpc)}
+    counts = {name: len(items) for name, items in given.items()}
+    for entry in inputs_of(rpc):
+        items = given[entry.name]
+        if entry.required and not items:
+            items = [sources.get(entry.name)]  # read_image_bytes names what is missing
+        _check_pairs(entry, len(items), counts)
+        weights_name = _BLEND_WEIGHTS.get(entry.name)
+        weights = values.get(weights_name) if weights_name else None
+        if weights is not None and len(weights) != len(items):
+            # The server would say the same; saying it here saves uploading the images.
+            raise ValueError(f"{weights_name}: expected {len(items)} value(s), one per image, "
+                             f"got {len(weights)}: {list(weights)}")
+        data = [read_image_bytes(s, entry.error_field(i)) for i, s in enumerate(items)]
+        field = getattr(message, entry.field)
+        if entry.part is not None:  # WeightedImage messages
+            for i, encoded in enumerate(data):
+                weight = {} if weights is None else {"weight": float(weights[i])}
+                field.add(**{entry.part: encoded}, **weight)
+        elif entry.repeated:
+            field.extend(data)
+        elif data:
+            setattr(message, entry.field, data[0])
 
 
 def _layer_set(layers: Sequence[str] | Mapping[str, float] | str,
@@ -148,15 +183,11 @@ def option_values(options: Any, overrides: Mapping[str, Any], names: Sequence[st
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _encode_options(message: Any, values: Mapping[str, Any], images: Mapping[str, Any]) -> None:
+def _encode_options(message: Any, values: Mapping[str, Any]) -> None:
     """Write option values into a request, by each option's declared kind."""
     for name, spec in _SPECS.items():
-        if spec.kind == "blend_weights":
-            weights = values.get(name)
-            getattr(message, spec.of).extend(_images(images[spec.of], weights, spec.of, name))
-            continue
-        if spec.kind == "layer_weights":
-            continue  # travels inside the LayerSet of its layers
+        if spec.kind in ("blend_weights", "layer_weights"):
+            continue  # travel inside the WeightedImage / LayerSet messages they weigh
         if spec.kind == "layers":
             weights_name = next(n for n, s in _SPECS.items() if s.of == name)
             if name in values or weights_name in values:
@@ -178,36 +209,43 @@ def _encode_options(message: Any, values: Mapping[str, Any], images: Mapping[str
         setattr(message, name, value)
 
 
+def _split_images(rpc: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the image inputs of ``rpc`` out of keyword arguments (the rest are options)."""
+    return {entry.name: kwargs.pop(entry.name) for entry in inputs_of(rpc)
+            if entry.name in kwargs}
+
+
 def stylize_request(content: Any, style: Any = (), *, options: Any = None,
-                    init_image: ImageSource | None = None, preview: bool = False,
-                    output_format: str = "png", arch: str = "", weights: str = "",
-                    **overrides: Any) -> pb.StylizeRequest:
+                    preview: bool = False, output_format: str = "png", arch: str = "",
+                    weights: str = "", **kwargs: Any) -> pb.StylizeRequest:
     """A StylizeRequest from images (paths, bytes or PIL images) and options.
 
-    ``options`` (a StyleOptions) and keyword overrides give the options; see
+    ``options`` (a StyleOptions) and keyword overrides give the options; the other image
+    inputs of Stylize (:func:`gramstyle.inputs.inputs_of`) are keywords of their names; see
     :meth:`gramstyle.client.Client.stylize_stream` for the rest.
     """
-    values = option_values(options, overrides, STYLIZE_OPTIONS)
+    images = {"content": content, "style": style, **_split_images("Stylize", kwargs)}
+    values = option_values(options, kwargs, STYLIZE_OPTIONS)
     request = pb.StylizeRequest(
         preview=preview,
         output_format=enum_number(pb.ImageFormat, "output_format",
                                   format_name(output_format)),
         arch=arch or "", weights=weights or "")
-    _encode_options(request, values, {"content": content, "style": style})
-    if init_image is not None:
-        request.init_image = read_image_bytes(init_image, "init_image")
+    _encode_options(request, values)
+    _encode_images(request, images, values)
     return request
 
 
 def losses_request(candidate: ImageSource, content: Any = (), style: Any = (), *,
                    options: Any = None, gradient: bool = False, arch: str = "",
-                   weights: str = "", **overrides: Any) -> pb.ComputeLossesRequest:
+                   weights: str = "", **kwargs: Any) -> pb.ComputeLossesRequest:
     """A ComputeLossesRequest (see :meth:`gramstyle.client.Client.compute_losses`)."""
-    values = option_values(options, overrides, LOSS_OPTIONS)
-    request = pb.ComputeLossesRequest(
-        candidate=read_image_bytes(candidate, "candidate"), gradient=gradient,
-        arch=arch or "", weights=weights or "")
-    _encode_options(request, values, {"content": content, "style": style})
+    images = {"candidate": candidate, "content": content, "style": style,
+              **_split_images("ComputeLosses", kwargs)}
+    values = option_values(options, kwargs, LOSS_OPTIONS)
+    request = pb.ComputeLossesRequest(gradient=gradient, arch=arch or "", weights=weights or "")
+    _encode_options(request, values)
+    _encode_images(request, images, values)
     return request
 
 
@@ -246,19 +284,60 @@ def _decode_options(request: Any, names: Sequence[str]) -> StyleOptions:
     return options
 
 
+def request_images(request: Any) -> dict[str, list[bytes]]:
+    """The encoded images of each image input of ``request``'s call, by input name, in
+    :data:`gramstyle.inputs.INPUTS` order. A single input is a list of zero or one; a
+    required one is always there, empty when missing (and refused as such when probed)."""
+    images = {}
+    for entry in inputs_of(_RPC_OF[request.DESCRIPTOR.full_name]):
+        value = getattr(request, entry.field)
+        if not entry.repeated:
+            images[entry.name] = [value] if value or entry.required else []
+        elif entry.part is None:
+            images[entry.name] = list(value)
+        else:
+            images[entry.name] = [getattr(item, entry.part) for item in value]
+    return images
+
+
+def engine_images(request: Any) -> dict[str, list[bytes] | bytes | None]:
+    """The image inputs of ``request`` as the engine's keyword arguments: a list for a
+    repeated input, the bytes or None for a single one."""
+    return {name: data if input_named(name).repeated else (data[0] if data else None)
+            for name, data in request_images(request).items()}
+
+
+def _check_images(request: Any, options: StyleOptions) -> None:
+    """The checks of the image inputs that need no decoding: paired inputs have one image
+    per image of their pair, and an input tied to an option value is given only with it."""
+    images = request_images(request)
+    counts = {name: len(data) for name, data in images.items()}
+    for name, data in images.items():
+        entry = input_named(name)
+        _check_pairs(entry, len(data), counts)
+        if entry.only_with and data:
+            option, value = entry.only_with
+            if getattr(options, option) not in (None, value):
+                enum = _SPECS[option].enum
+                raise ValueError(
+                    f"{name}: given, but {option} is {enum.Name(getattr(request, option))}; "
+                    f"set {option} to {enum_prefix(enum)}{value.upper()} or leave it "
+                    "unspecified")
+
+
 def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
     """The options a StylizeRequest asks for (not yet validated)."""
     options = _decode_options(request, STYLIZE_OPTIONS)
-    if options.init not in (None, "image") and request.init_image:
-        raise ValueError(f"init_image: given, but init is {pb.Init.Name(request.init)}; set "
-                         "init to INIT_IMAGE or leave it unspecified")
+    _check_images(request, options)
     output_format(request.output_format)  # reject an unknown format before any work
     return options
 
 
 def losses_options(request: pb.ComputeLossesRequest) -> StyleOptions:
     """The options a ComputeLossesRequest asks for (not yet validated)."""
-    return _decode_options(request, LOSS_OPTIONS)
+    options = _decode_options(request, LOSS_OPTIONS)
+    _check_images(request, options)
+    return options
 
 
 # ---------------------------------------------------------------------------- results
@@ -393,9 +472,10 @@ def error_field(message: str) -> str | None:
 
 
 __all__ = [
-    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "enum_number", "enum_value", "error_field",
-    "format_name", "image_message", "loss_report_from", "loss_report_message",
+    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "engine_images", "enum_number", "enum_value",
+    "error_field", "format_name", "image_message", "loss_report_from", "loss_report_message",
     "losses_from", "losses_message", "losses_options", "losses_request", "option_values",
-    "output_format", "progress_from", "progress_message", "result_from", "result_message",
+    "output_format", "progress_from", "progress_message", "request_images", "result_from",
+    "result_message",
     "server_info_from", "server_info_message", "stylize_options", "stylize_request",
 ]
