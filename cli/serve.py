@@ -93,6 +93,10 @@ def add_parser(sub) -> None:
                    help="also serve grpc.health.v1, and only that, in plaintext on this port "
                         "(for Kubernetes gRPC probes, which cannot do TLS); it answers what "
                         "the main port would, NOT_SERVING while draining included")
+    g.add_argument("--http-port", type=int, metavar="PORT",
+                   help="also serve HTTP/JSON (POST /v1/stylize as server-sent events, "
+                        "/v1/losses, /v1/info, /healthz, /readyz) and a page at / on this "
+                        "port, with the same TLS, tokens and limits; see docs/http.md")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", metavar="FILE",
                    help="serve TLS with this PEM certificate chain (with --tls-key); SIGHUP "
@@ -139,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--port: must be <= 65535, got {args.port}")
     if args.health_port is not None and not 0 <= args.health_port <= 65535:
         raise CLIError(f"--health-port: must be 0 to 65535, got {args.health_port}")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise CLIError(f"--http-port: must be 0 to 65535, got {args.http_port}")
     configure_logging(args.log_level, args.log_format)
     config = ServeConfig(
         host=args.host, port=args.port, arch=model_option(args, "arch"),
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level, log_format=args.log_format, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=args.auth_tokens,
         public_reflection=args.public_reflection, insecure_auth=args.insecure_auth,
-        health_port=args.health_port)
+        health_port=args.health_port, http_port=args.http_port)
     try:
         return serve(config)
     except OSError as exc:  # "port N is already in use", or the metrics port

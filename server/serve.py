@@ -128,6 +128,8 @@ class ServeConfig:
     insecure_auth: bool = False
     #: A plaintext port serving only grpc.health.v1 (for kubelet probes); None: none.
     health_port: int | None = None
+    #: Also serve HTTP/JSON and the page on this port (server/http.py); None: none.
+    http_port: int | None = None
 
 
 # ---------------------------------------------------------------------------- machine
@@ -262,6 +264,9 @@ class GramstyleServer:
             token needed); ``public_reflection`` also opens reflection and GetServerInfo.
         health_port: also listen on this plaintext port (0: a free one, see
             ``.health_port``) with only grpc.health.v1, mirroring the main port's status.
+        http_port: also serve the HTTP/JSON front and its page on this port (0: a free one,
+            see ``.http_port``), on ``host``, with the same TLS, tokens and limits
+            (:mod:`gramstyle.server.http`).
         max_connection_age_s: the server closes (GOAWAY) a client connection after about
             this long, so that ``dns:///`` clients resolve again and find new replicas; calls
             in flight on it go on (up to ``MAX_CONNECTION_AGE_GRACE_S``).
@@ -276,11 +281,14 @@ class GramstyleServer:
                  max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
                  tls: TlsFiles | None = None, tokens: TokenStore | None = None,
                  public_reflection: bool = False, health_port: int | None = None,
-                 max_connection_age_s: float = MAX_CONNECTION_AGE_S):
+                 max_connection_age_s: float = MAX_CONNECTION_AGE_S,
+                 http_port: int | None = None):
         self.tls, self.tokens, self.public_reflection = tls, tokens, public_reflection
         self.max_connection_age_s = max_connection_age_s
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self.http: Any = None  # the HttpFront, with http_port
+        self.http_port: int | None = None
         self.metrics = metrics or Metrics()
         self.metrics.watch_target_caches(e.target_cache for e in engines)
         if memory_budget is None:
@@ -307,6 +315,8 @@ class GramstyleServer:
             if health_port is not None:
                 self.health_server, self.health_port = self._call(
                     self._build_health(host, health_port))
+            if http_port is not None:
+                self._build_http(host, http_port, max_message_bytes)
         except BaseException:
             self._close()
             raise
@@ -392,6 +402,17 @@ class GramstyleServer:
             raise OSError(f"--health-port: {_bind_problem(host, port)}")
         return server, bound
 
+    def _build_http(self, host: str, port: int, max_message_bytes: int) -> None:
+        from gramstyle.server.http import HttpFront  # only servers with --http-port need it
+
+        self.http = HttpFront(self.service, self.health, self.metrics,
+                              max_message_bytes=max_message_bytes, tokens=self.tokens,
+                              public_reflection=self.public_reflection, tls=self.tls)
+        try:
+            self.http_port = self.http.bind(host, port)
+        except OSError as exc:
+            raise OSError(f"--http-port: {exc}") from None
+
     def reload(self) -> None:
         """Re-read the TLS files and the tokens (SIGHUP). New connections get the new
         certificate; open connections and calls in flight go on. A file that fails its
@@ -411,6 +432,8 @@ class GramstyleServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http is not None:
+            await self.http.start()
         for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask for it
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -424,6 +447,8 @@ class GramstyleServer:
             if not self._loop.is_closed():
                 try:
                     asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop)
+                    if self.http is not None:
+                        self._loop.call_soon_threadsafe(self.http.cancel_calls)
                 except RuntimeError:  # the loop has just closed
                     pass
             return
@@ -434,7 +459,10 @@ class GramstyleServer:
 
     async def _stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.http is not None:  # both drain at once; HTTP health answers meanwhile
+            await asyncio.gather(self.server.stop(grace), self.http.stop(grace))
+        else:
+            await self.server.stop(grace)
         if self.health_server is not None:  # answered NOT_SERVING during the drain
             await self.health_server.stop(None)
 
@@ -486,7 +514,8 @@ def run(config: ServeConfig) -> int:
         max_message_bytes=config.max_message_bytes, max_images=config.max_images,
         max_request_memory=config.max_request_memory, memory_budget=config.memory_budget,
         max_concurrent_streams=config.max_concurrent_streams, tls=tls, tokens=tokens,
-        public_reflection=config.public_reflection, health_port=config.health_port)
+        public_reflection=config.public_reflection, health_port=config.health_port,
+        http_port=config.http_port)
     stop_requested = threading.Event()
     signals = 0
 
@@ -512,6 +541,8 @@ def run(config: ServeConfig) -> int:
         security_note += f", bearer tokens ({len(tokens)})"
     if server.health_port is not None:
         security_note += f", plaintext health on :{server.health_port}"
+    if server.http_port is not None:
+        security_note += f", HTTP on :{server.http_port}"
     metrics_note = ""
     if config.metrics_port is not None:
         metrics_host = config.metrics_host or default_metrics_host(config.host)
