@@ -226,6 +226,12 @@ def _form_value(field: FieldDescriptor, value: str) -> Any:
     return value
 
 
+def _repeated(field: FieldDescriptor) -> bool:
+    # ``is_repeated`` is new in protobuf 6.31 (``label`` is deprecated from then on).
+    repeated = getattr(field, "is_repeated", None)
+    return field.label == FieldDescriptor.LABEL_REPEATED if repeated is None else repeated
+
+
 async def _message_from_form(form: Any, message: Message) -> None:
     """Fill ``message`` from a multipart form: files for its images (repeated
     WeightedImage fields and bytes fields), text for every other field, by proto or JSON
@@ -246,7 +252,7 @@ async def _message_from_form(form: Any, message: Message) -> None:
             files.append((field, await value.read()))
         elif is_image:
             raise ValueError(f"{field.name}: send the image as a file")
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif _repeated(field):
             values.setdefault(field.name, []).append(_form_value(field, value))
         else:
             values[field.name] = _form_value(field, value)
@@ -495,9 +501,9 @@ class HttpFront:
 
     async def _too_large(self, context: HttpContext, length: int | None) -> None:
         context.http_status = 413
-        size = f"{length} bytes" if length is not None else "more than that"
+        size = f"{length} bytes, " if length is not None else ""
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"request body: {size}, over this server's limit of "
+                            f"request body: {size}over this server's limit of "
                             f"{self.max_body_bytes} bytes (the message limit of "
                             f"{self.max_message_bytes} bytes in base64, plus the JSON)")
 
