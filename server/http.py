@@ -67,7 +67,7 @@ from gramstyle.server.interceptors import REQUEST_ID_KEY, observe
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import UNAUTHENTICATED_MESSAGE, TlsFiles, TokenStore
 from gramstyle.server.service import SERVICE_NAME, StyleTransferService
-from gramstyle.server.status import cap_message
+from gramstyle.server.status import rich_status
 from gramstyle.v1 import gramstyle_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def error_object(code: grpc.StatusCode, message: str, details: Any = None,
     if details:
         status = status_pb2.Status.FromString(details)
         if status.details:
-            error["details"] = to_json(status)["details"]
+            error["details"] = json_format.MessageToDict(status)["details"]
     return {"error": error}
 
 
@@ -194,7 +194,9 @@ class HttpContext:
 
 
 async def _abort_invalid(context: HttpContext, message: str) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, cap_message(message))
+    """INVALID_ARGUMENT, with the field violation when ``message`` starts with a field."""
+    status = rich_status(grpc.StatusCode.INVALID_ARGUMENT, message)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _parse_problem(exc: Exception, message: Message) -> str:

@@ -198,6 +198,9 @@ def test_a_malformed_body_is_400_naming_the_problem(http, body, problem):
     error = response.json()["error"]
     assert error["status"] == "INVALID_ARGUMENT"
     assert problem in error["message"], error["message"]
+    field = problem.split(":")[0]
+    if field in ("size", "content"):  # a problem with a field carries its violation
+        assert error["details"][0]["fieldViolations"][0]["field"] == field
 
 
 def test_a_corrupt_image_is_400_naming_the_image(http, data):
