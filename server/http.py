@@ -288,7 +288,9 @@ def _limited(request: Request, limit: int) -> Request:
 class _TlsContext:
     """An ``ssl.SSLContext`` for uvicorn from the gRPC server's :class:`TlsFiles`: a new
     handshake gets a context rebuilt from the files whenever they were reloaded (SIGHUP, or
-    changed on disk: checked here too, at most once a second), as gRPC's does."""
+    changed on disk: checked here too, at most once a second), as gRPC's does. The switch
+    happens in the server-name callback, which OpenSSL calls at every ClientHello, with or
+    without a server name."""
 
     def __init__(self, tls: TlsFiles):
         self.tls = tls

@@ -19,8 +19,13 @@ import contextlib
 import datetime
 import io
 import json
+import os
+import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -438,18 +443,18 @@ def test_bearer_tokens(random_engine, data, tmp_path):
         assert answer.startswith(b"HTTP/1.1 401 ")
 
 
-def test_https_with_the_server_certificate(random_engine, tmp_path):
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` (its own CA) and its key, as PEM files
+    ``NAME.pem`` and ``NAME.key``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from gramstyle.server.security import TlsFiles
-
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 -- runs on 3.10
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -457,19 +462,64 @@ def test_https_with_the_server_certificate(random_engine, tmp_path):
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    tls = TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem")
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a new TLS connection to the port is shown."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_https_with_the_server_certificate_and_its_reload(random_engine, tmp_path):
+    from gramstyle.server.security import TlsFiles
+
+    cert, key = self_signed(tmp_path, "server")
     with GramstyleServer([random_engine], host="127.0.0.1", port=0, http_port=0,
-                         tls=tls) as srv:
-        trust = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+                         tls=TlsFiles(cert, key)) as srv:
+        trust = ssl.create_default_context(cafile=str(cert))
         with httpx.Client(verify=trust, timeout=30) as client:
             response = client.get(f"https://localhost:{srv.http_port}/readyz")
             assert response.json() == {"status": "SERVING"}
         with pytest.raises(httpx.HTTPError):  # plaintext is not served
             httpx.get(f"http://127.0.0.1:{srv.http_port}/readyz", timeout=10)
+        # A new certificate in the same files: after a reload (SIGHUP), new connections
+        # get it, on the HTTP port as on the gRPC one.
+        old = der(cert)
+        assert served_certificate(srv.http_port) == old
+        new_cert, new_key = self_signed(tmp_path, "rotated")
+        cert.write_bytes(new_cert.read_bytes())
+        key.write_bytes(new_key.read_bytes())
+        srv.reload()
+        assert served_certificate(srv.http_port) == der(new_cert) != old
+        assert served_certificate(srv.port) == der(new_cert)
+
+
+def test_mutual_tls_over_https(random_engine, tmp_path):
+    from gramstyle.server.security import TlsFiles
+
+    cert, key = self_signed(tmp_path, "server")
+    client_cert, client_key = self_signed(tmp_path, "client")  # its own CA
+    with GramstyleServer([random_engine], host="127.0.0.1", port=0, http_port=0,
+                         tls=TlsFiles(cert, key, client_cert)) as srv:
+        url = f"https://localhost:{srv.http_port}/healthz"
+        trust = ssl.create_default_context(cafile=str(cert))
+        with pytest.raises(httpx.HTTPError):  # no client certificate: no handshake
+            httpx.get(url, verify=trust, timeout=10)
+        trust.load_cert_chain(client_cert, client_key)
+        assert httpx.get(url, verify=trust, timeout=10).json() == {"status": "SERVING"}
 
 
 # ------------------------------------------------------------------------------ draining
@@ -505,3 +555,42 @@ def test_readyz_is_503_while_draining(random_engine, data, wait_for):
     finally:
         if stopper is None:
             srv.stop(None)
+
+
+# ------------------------------------------------------------------------------ wiring
+
+
+def test_a_busy_http_port_is_named(random_engine):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"^--http-port: port {port} is already in use$"):
+            GramstyleServer([random_engine], host="127.0.0.1", port=0, http_port=port)
+
+
+@pytest.mark.slow
+def test_gramstyle_serve_takes_the_http_port_from_the_environment(tmp_path):
+    """``GRAMSTYLE_HTTP_PORT`` (as ``--http-port``) through the real command: the ready line
+    names the port, it answers, and SIGTERM stops both ports."""
+    env = {**os.environ, "GRAMSTYLE_HTTP_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gramstyle.cli", "serve", "--weights", "random", "--host",
+         "127.0.0.1", "--port", "0", "--grace", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        ready = ""
+        for line in process.stdout:  # log lines may come first
+            if "server ready" in line:
+                ready = line
+                break
+        match = re.search(r", HTTP on :(\d+)", ready)
+        assert match, ready
+        response = httpx.get(f"http://127.0.0.1:{match.group(1)}/readyz", timeout=30)
+        assert response.json() == {"status": "SERVING"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
