@@ -398,16 +398,14 @@ class HttpFront:
 
     def routes(self) -> list[Route]:
         def rpc(path: str, method: str, handler: Callable, request_type: type | None,
-                public: bool = False, stream: bool = False,
-                ok: Callable[[Message], int] | None = None) -> Route:
-            return Route(path, _Rpc(self, f"{method} {path}", handler, request_type, public,
-                                    stream, ok), methods=[method])
+                public: bool = False, stream: bool = False) -> Route:
+            return Route(path, _Rpc(self, f"{method} {path}", handler, request_type,
+                                    public=public, stream=stream), methods=[method])
 
         def health(path: str, service: str) -> Route:
-            route = rpc(path, "GET", self._health(service), None, public=True,
-                        ok=health_status)
-            route.app.health = True  # answers while draining, as gRPC health does
-            return route
+            return Route(path, _Rpc(self, f"GET {path}", self._health(service), None,
+                                    public=True, health=True, ok=health_status),
+                         methods=["GET"])
 
         def health_status(message: Message) -> int:
             return 200 if message.status == health_pb2.HealthCheckResponse.SERVING else 503
@@ -478,8 +476,15 @@ class HttpFront:
                 json_format.ParseDict(value, message)
         except BodyTooLarge:
             await self._too_large(context, None)
-        except (json_format.ParseError, TypeError) as exc:
+        except json_format.ParseError as exc:
             await _abort_invalid(context, _parse_problem(exc, message))
+        except SystemError as exc:
+            # protobuf's upb looks an unknown key up as UTF-8: a key with an unpaired UTF-16
+            # surrogate ("\\ud800", valid JSON) fails inside it.
+            if not isinstance(exc.__cause__, UnicodeError):
+                raise
+            await _abort_invalid(context, "request body: a field name is not valid Unicode "
+                                          "(an unpaired surrogate)")
         except (MultiPartException, HTTPException) as exc:
             detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
             await _abort_invalid(context, f"request body: not valid multipart/form-data "
@@ -566,13 +571,14 @@ class _Rpc:
     client that disconnects cancels the call."""
 
     def __init__(self, front: HttpFront, rpc: str, handler: Callable,
-                 request_type: type | None, public: bool, stream: bool,
-                 ok: Callable[[Message], int] | None):
+                 request_type: type | None, *, public: bool = False, stream: bool = False,
+                 health: bool = False, ok: Callable[[Message], int] | None = None):
         self.front, self.rpc, self.handler = front, rpc, handler
         self.request_type, self.public, self.stream = request_type, public, stream
+        #: Health answers while the server drains, and is not a call the drain waits for.
+        self.health = health
+        #: The HTTP status of a successful answer.
         self.ok = ok or (lambda _message: 200)
-        #: Health answers while the server drains, and is not a call to wait for.
-        self.health = False
 
     async def behavior(self, _request: None, context: HttpContext) -> AsyncIterator[Message]:
         await self.front.admit(context, self.public, self.health)

@@ -37,6 +37,8 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from gramstyle.engine.stop import Cancelled
@@ -195,6 +197,10 @@ def test_a_bad_option_is_the_grpc_error_as_json(http, stub, data, fields, status
     (b'{"content": [{"data": "a"}]}', "content: Failed to parse content field"),
     (b"[" * 100_000 + b"]" * 100_000, "request body: "),
     (b'{"size": 64, "arch": "\xff"}', "request body: not UTF-8"),
+    (b'{"\\ud800": 1}', "request body: a field name is not valid Unicode"),
+    (b'{"arch": "\\ud800"}', "arch: Failed to parse arch field: Unpaired surrogate"),
+    (b'{"content": [5]}', "content: Failed to parse content field"),
+    (b'{"size": 2147483648}', "size: Failed to parse size field"),
 ])
 def test_a_malformed_body_is_400_naming_the_problem(http, body, problem):
     response = http.post("/v1/stylize", content=body,
@@ -206,6 +212,30 @@ def test_a_malformed_body_is_400_naming_the_problem(http, body, problem):
     field = problem.split(":")[0]
     if field in ("size", "content"):  # a problem with a field carries its violation
         assert error["details"][0]["fieldViolations"][0]["field"] == field
+
+
+_FIELDS = sorted({f.json_name for f in pb.StylizeRequest.DESCRIPTOR.fields}
+                 | {f.name for f in pb.ComputeLossesRequest.DESCRIPTOR.fields})
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=6), _JSON,
+                            max_size=4) | _JSON,
+       path=st.sampled_from(["/v1/stylize", "/v1/losses"]))
+def test_no_json_body_is_a_500(http, body, path):
+    """Generated JSON (field names of both requests, any values): always an answer naming
+    a problem, never INTERNAL."""
+    response = http.post(path, content=json.dumps(body).encode(),
+                         headers={"content-type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert response.json()["error"]["message"]
 
 
 def test_a_corrupt_image_is_400_naming_the_image(http, data):
