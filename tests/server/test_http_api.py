@@ -624,3 +624,18 @@ def test_gramstyle_serve_takes_the_http_port_from_the_environment(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_http_port_from_the_flag_or_the_environment(monkeypatch, capsys):
+    from gramstyle.cli import main
+    from gramstyle.server import serve
+
+    seen = []
+    monkeypatch.setattr(serve, "run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(serve, "configure_logging", lambda *args: None)
+    assert main(["serve"]) == 0 and seen[-1].http_port is None  # off by default
+    monkeypatch.setenv("GRAMSTYLE_HTTP_PORT", "8080")
+    assert main(["serve"]) == 0 and seen[-1].http_port == 8080
+    assert main(["serve", "--http-port", "9090"]) == 0 and seen[-1].http_port == 9090
+    assert main(["serve", "--http-port", "70000"]) == 2
+    assert "--http-port: must be 0 to 65535, got 70000" in capsys.readouterr().err
