@@ -274,6 +274,12 @@ class ServeConfig:
         "also serve grpc.health.v1, and only that, in plaintext on this port (for Kubernetes "
         "gRPC probes, which cannot do TLS); it answers what the main port would, NOT_SERVING "
         "while draining included", parse=int, low=0, high=65535, metavar="PORT")
+    #: Also serve HTTP/JSON and the page on this port (server/http.py); None: none.
+    http_port: int | None = _setting(
+        None, "--http-port",
+        "also serve HTTP/JSON (POST /v1/stylize as server-sent events, /v1/losses, /v1/info, "
+        "/healthz, /readyz) and a page at / on this port, with the same TLS, tokens and "
+        "limits; see docs/http.md", parse=int, low=0, high=65535, metavar="PORT")
     #: The server closes (GOAWAY) a client connection after about this long, seconds.
     max_connection_age_s: float = _setting(
         MAX_CONNECTION_AGE_S, None,

@@ -254,6 +254,18 @@ def _wrap(behavior: Callable, call_of: Callable[[], _Call], streaming_request: b
     return unary
 
 
+def observe(behavior: Callable, rpc: str, metadata: Any, metrics: Metrics | None
+            ) -> Callable:
+    """``behavior`` (a handler: a coroutine or async generator function of (request,
+    context)) with what :class:`RequestLogInterceptor` adds to every RPC -- request id, one
+    log line, metrics under ``rpc``, INTERNAL for a bug -- for calls that do not come through
+    gRPC (the HTTP front, :mod:`gramstyle.server.http`). ``context`` must implement the part
+    of ``grpc.aio.ServicerContext`` used here: abort, code, details, peer,
+    send_initial_metadata and time_remaining."""
+    interceptor = RequestLogInterceptor(metrics)
+    return _wrap(behavior, lambda: _Call(interceptor, rpc, metadata), False)
+
+
 class RequestLogInterceptor(grpc.aio.ServerInterceptor):
     """Log, count and guard every RPC (see the module docstring). ``metrics`` may be None
     (logging only)."""
@@ -286,4 +298,4 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
 
 __all__ = ["DEADLINE_SLACK_S", "REQUEST_ID_KEY", "REQUEST_ID_PATTERN", "JsonFormatter",
            "MalformedRequest", "RequestLogInterceptor", "current_request_id", "deadline_passed",
-           "format_fields"]
+           "format_fields", "observe"]

@@ -149,6 +149,12 @@ class TlsFiles(_Watched):
         self._pending: grpc.ServerCertificateConfiguration | None = None
 
     @property
+    def pem(self) -> _Pem:
+        """The files in use (replaced, as a new object, when a reload takes new ones): what
+        the HTTP front watches to rebuild its own TLS context."""
+        return self._pem
+
+    @property
     def mutual(self) -> bool:
         """Whether clients must present a certificate."""
         return self.client_ca is not None

@@ -86,7 +86,8 @@ class GramstyleServer:
             see ``.port``; OSError "port N is already in use" when the address is taken),
             the workers and queue, the per-request limits, the memory budget (None: derived
             from the machine's memory, :func:`default_memory_budget`), the health port (0:
-            a free one, see ``.health_port``), the connection age. The model settings
+            a free one, see ``.health_port``), the HTTP/JSON port (0: a free one, see
+            ``.http_port``; :mod:`gramstyle.server.http`), the connection age. The model settings
             (arch, weights, ..., max_size, max_pixels) are :func:`load_engines`', and
             ``metrics_port``, ``metrics_host`` and ``grace_s`` are :func:`run`'s.
         tls, tokens: the TLS files (mutual TLS when they have a client CA) and the bearer
@@ -106,6 +107,8 @@ class GramstyleServer:
         self.max_connection_age_s = config.max_connection_age_s
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self.http: Any = None  # the HttpFront, with config.http_port
+        self.http_port: int | None = None
         self.metrics = Metrics()
         self.metrics.watch_target_caches(e.target_cache for e in engines)
         memory_budget = config.memory_budget
@@ -135,6 +138,8 @@ class GramstyleServer:
             if config.health_port is not None:
                 self.health_server, self.health_port = self._call(
                     self._build_health(config.host, config.health_port))
+            if config.http_port is not None:
+                self._build_http(config.host, config.http_port, config.max_message_bytes)
         except BaseException:
             self._close()
             raise
@@ -220,6 +225,17 @@ class GramstyleServer:
             raise OSError(f"--health-port: {bind_problem(host, port)}")
         return server, bound
 
+    def _build_http(self, host: str, port: int, max_message_bytes: int) -> None:
+        from gramstyle.server.http import HttpFront  # only servers with --http-port need it
+
+        self.http = HttpFront(self.service, self.health, self.metrics,
+                              max_message_bytes=max_message_bytes, tokens=self.tokens,
+                              public_reflection=self.public_reflection, tls=self.tls)
+        try:
+            self.http_port = self.http.bind(host, port)
+        except OSError as exc:
+            raise OSError(f"--http-port: {exc}") from None
+
     def reload(self) -> None:
         """Re-read the TLS files and the tokens (SIGHUP). New connections get the new
         certificate; open connections and calls in flight go on. A file that fails its
@@ -239,6 +255,8 @@ class GramstyleServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http is not None:
+            await self.http.start()
         for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask for it
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -252,6 +270,8 @@ class GramstyleServer:
             if not self._loop.is_closed():
                 try:
                     asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop)
+                    if self.http is not None:
+                        self._loop.call_soon_threadsafe(self.http.cancel_calls)
                 except RuntimeError:  # the loop has just closed
                     pass
             return
@@ -262,7 +282,10 @@ class GramstyleServer:
 
     async def _stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.http is not None:  # both drain at once; HTTP health answers meanwhile
+            await asyncio.gather(self.server.stop(grace), self.http.stop(grace))
+        else:
+            await self.server.stop(grace)
         if self.health_server is not None:  # answered NOT_SERVING during the drain
             await self.health_server.stop(None)
 
@@ -348,6 +371,8 @@ def _print_ready(server: GramstyleServer, config: ServeConfig,
         security_note += f", bearer tokens ({len(server.tokens)})"
     if server.health_port is not None:
         security_note += f", plaintext health on :{server.health_port}"
+    if server.http_port is not None:
+        security_note += f", HTTP on :{server.http_port}"
     default = engines[0]
     models = ", ".join(f"{e.arch}/{e.weights_name}" for e in engines)
     problem = kernels.load_error()
