@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -113,8 +114,10 @@ def run(args: argparse.Namespace) -> int:
                     weights=args.weights or "",
                     output_format=codec.format_name(format_for_path(output)), **given)
         else:
-            options.progress_every = 1  # the bar moves every iteration; frames picked above
-            result = load_engine(args).stylize(args.content, args.style, options,
+            # The bar moves every iteration; frames are picked above. (Validated options are
+            # frozen: this is a changed copy, which the engine checks.)
+            every_step = dataclasses.replace(options, progress_every=1)
+            result = load_engine(args).stylize(args.content, args.style, every_step,
                                                init_image=args.init_image,
                                                progress=on_progress, preview=want_preview)
     save_image(result.image, output, "output")

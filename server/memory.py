@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from gramstyle.engine.objective import style_side
+from gramstyle.engine.optimise import LBFGS_HISTORY  # pairs kept, each two copies of the image
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.options import StyleOptions, scale_sizes
 
@@ -49,11 +50,6 @@ from gramstyle.options import StyleOptions, scale_sizes
 OVERHEAD = 64 * 2**20
 #: Multiplier on the modelled bytes (fragmentation, reorder buffers of the convolutions).
 MARGIN = 1.25
-#: L-BFGS history pairs (each pair is two copies of the image); optimise.LBFGS_HISTORY.
-try:
-    from gramstyle.engine.optimise import LBFGS_HISTORY
-except ImportError:  # pragma: no cover - an engine without the constant
-    LBFGS_HISTORY = 100
 
 #: Modes whose conversion to RGB takes several full copies (see images.to_rgb).
 _WIDE_MODES = {"RGBA", "LA", "PA", "P", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "1"}

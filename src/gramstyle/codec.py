@@ -9,22 +9,34 @@ requests and builds answers with it. Nothing else names a message field.
 - Enum values are derived from the proto descriptors: ``Precision.PRECISION_BF16`` is
   ``"bf16"``, ``ImageFormat.IMAGE_FORMAT_JPEG`` is ``"jpeg"``; ``*_UNSPECIFIED`` is the
   option's declared default.
-- Errors are ``ValueError`` (or ``TypeError`` for an unknown keyword) whose message starts
-  with the option or request field name.
+- Errors are :class:`~gramstyle.errors.FieldError` (a ``ValueError``; ``TypeError`` for an
+  unknown keyword) carrying the option or request field name in ``.field``; the message
+  starts with it.
+- Reading a request is the service's edge: :func:`stylize_options` and
+  :func:`losses_options` return validated, frozen options, checked once against the
+  server's limits (the engine trusts them and checks only what needs its network).
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 from PIL import Image
 
+from gramstyle.errors import FieldError
 from gramstyle.images import FORMATS, ImageSource, encode_image, read_image_bytes
-from gramstyle.options import OptionSpec, StyleOptions, enum_choices, enum_prefix
+from gramstyle.options import (
+    MAX_ITERATIONS,
+    MAX_SIZE,
+    OptionSpec,
+    StyleOptions,
+    enum_choices,
+    enum_prefix,
+    split_list,
+)
 from gramstyle.results import (
     Losses,
     LossReport,
@@ -51,7 +63,7 @@ def enum_number(enum: Any, field: str, value: str | int) -> int:
     choices = enum_choices(enum)
     key = str(value).lower()
     if key not in choices:
-        raise ValueError(f"{field}: must be one of {', '.join(choices)}, got {value!r}")
+        raise FieldError(field, f"must be one of {', '.join(choices)}, got {value!r}", value)
     return enum.Value(enum_prefix(enum) + key.upper())
 
 
@@ -60,7 +72,7 @@ def enum_value(enum: Any, field: str, number: int, default: Any) -> Any:
     # proto3 enums are open: an unknown number arrives as a plain int.
     if number not in enum.values():
         known = ", ".join(enum.keys())
-        raise ValueError(f"{field}: unknown value {number}; use one of {known}")
+        raise FieldError(field, f"unknown value {number}; use one of {known}", number)
     name = enum.Name(number)
     if name.endswith("_UNSPECIFIED"):
         return default
@@ -73,7 +85,7 @@ def format_name(fmt: str, field: str = "output_format") -> str:
     for name in enum_choices(pb.ImageFormat):
         if FORMATS[name] == pillow:
             return name
-    raise ValueError(f"{field}: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    raise FieldError(field, f"must be one of {', '.join(FORMATS)}, got {fmt!r}", fmt)
 
 
 def output_format(number: int) -> str:
@@ -86,10 +98,10 @@ def output_format(number: int) -> str:
 def _int(name: str, value: Any) -> int:
     # A proto int field raises a bare TypeError/ValueError for 2.5 or 2**40; name the option.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
+        raise FieldError(name, f"must be an integer, got {value!r}", value)
     limit = 2**63 if name == "seed" else 2**31
     if not -limit <= value < limit:
-        raise ValueError(f"{name}: out of range, got {value}")
+        raise FieldError(name, f"out of range, got {value}", value)
     return value
 
 
@@ -107,8 +119,8 @@ def _images(sources: Any, weights: Sequence[float] | None, field: str, weights_n
     sources = _as_list(sources)
     if weights is not None and len(weights) != len(sources):
         # The server would say the same; saying it here saves uploading the images.
-        raise ValueError(f"{weights_name}: expected {len(sources)} value(s), one per image, "
-                         f"got {len(weights)}: {list(weights)}")
+        raise FieldError(weights_name, f"expected {len(sources)} value(s), one per image, "
+                         f"got {len(weights)}: {list(weights)}", weights)
     return [pb.WeightedImage(data=read_image_bytes(s, f"{field}[{i}]"),
                              weight=None if weights is None else float(weights[i]))
             for i, s in enumerate(sources)]
@@ -117,14 +129,14 @@ def _images(sources: Any, weights: Sequence[float] | None, field: str, weights_n
 def _layer_set(layers: Sequence[str] | Mapping[str, float] | str,
                weights: Sequence[float] | None, weights_name: str) -> pb.LayerSet:
     if isinstance(layers, str):
-        layers = [part.strip() for part in layers.split(",") if part.strip()]
+        layers = split_list(layers)
     if isinstance(layers, Mapping):
         weights, layers = list(layers.values()), list(layers.keys())
     names = [str(name) for name in layers]
     if weights is not None and len(weights) != len(names):
         # The wire format has one weight per layer, so the mismatch is reported here.
-        raise ValueError(f"{weights_name}: expected {len(names)} value(s), one per layer, "
-                         f"got {len(weights)}: {list(weights)}")
+        raise FieldError(weights_name, f"expected {len(names)} value(s), one per layer, "
+                         f"got {len(weights)}: {list(weights)}", weights)
     return pb.LayerSet(layers=[
         pb.WeightedLayer(name=name, weight=None if weights is None else float(weights[i]))
         for i, name in enumerate(names)])
@@ -221,44 +233,55 @@ def _has(message: Any, name: str) -> bool:
         return True
 
 
-def _decode_options(request: Any, names: Sequence[str]) -> StyleOptions:
-    options = StyleOptions()
+def _given_options(request: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The options a request gives, by name; an option it leaves unset is absent."""
+    given: dict[str, Any] = {}
     for name in names:
         spec = _SPECS[name]
         if spec.kind == "blend_weights":
             images = getattr(request, spec.of)
-            if any(image.HasField("weight") for image in images):  # else None: equal
-                setattr(options, name, tuple(image.weight if image.HasField("weight") else 1.0
-                                             for image in images))
+            if any(image.HasField("weight") for image in images):  # else absent: equal
+                given[name] = tuple(image.weight if image.HasField("weight") else 1.0
+                                    for image in images)
         elif spec.kind == "layers":
             if request.HasField(name):  # absent: the default layers
                 layers = getattr(request, name).layers
-                setattr(options, name, tuple(layer.name for layer in layers))
+                given[name] = tuple(layer.name for layer in layers)
                 if any(layer.HasField("weight") for layer in layers):
                     weights_name = next(n for n, s in _SPECS.items() if s.of == name)
-                    setattr(options, weights_name, tuple(
-                        layer.weight if layer.HasField("weight") else 1.0 for layer in layers))
+                    given[weights_name] = tuple(
+                        layer.weight if layer.HasField("weight") else 1.0 for layer in layers)
         elif spec.kind == "choice":
-            setattr(options, name, enum_value(spec.enum, name, getattr(request, name),
-                                              _DEFAULTS[name]))
+            value = enum_value(spec.enum, name, getattr(request, name), None)
+            if value is not None:  # UNSPECIFIED: the default
+                given[name] = value
         elif spec.kind != "layer_weights" and _has(request, name):
-            setattr(options, name, getattr(request, name))
-    return options
+            given[name] = getattr(request, name)
+    return given
 
 
-def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
-    """The options a StylizeRequest asks for (not yet validated)."""
-    options = _decode_options(request, STYLIZE_OPTIONS)
-    if options.init not in (None, "image") and request.init_image:
-        raise ValueError(f"init_image: given, but init is {pb.Init.Name(request.init)}; set "
+def stylize_options(request: pb.StylizeRequest, max_size: int = MAX_SIZE,
+                    max_iterations: int = MAX_ITERATIONS) -> StyleOptions:
+    """The validated options a StylizeRequest asks for, within these limits; an unset
+    ``size`` or ``iterations`` takes the most the limits allow up to its default
+    (:meth:`StyleOptions.from_given`)."""
+    given = _given_options(request, STYLIZE_OPTIONS)
+    if given.get("init") not in (None, "image") and request.init_image:
+        raise FieldError("init_image", f"given, but init is {pb.Init.Name(request.init)}; set "
                          "init to INIT_IMAGE or leave it unspecified")
     output_format(request.output_format)  # reject an unknown format before any work
-    return options
+    return StyleOptions.from_given(given, max_size, max_iterations)
 
 
-def losses_options(request: pb.ComputeLossesRequest) -> StyleOptions:
-    """The options a ComputeLossesRequest asks for (not yet validated)."""
-    return _decode_options(request, LOSS_OPTIONS)
+def losses_options(request: pb.ComputeLossesRequest, size: int | None = None,
+                   max_size: int = MAX_SIZE) -> StyleOptions:
+    """The validated options a ComputeLossesRequest asks for; ``size``: the candidate's long
+    side in px (at least 16), which stands in for the output size (the style images are
+    scaled from it); None: the default size (the server always knows the candidate's)."""
+    given = _given_options(request, LOSS_OPTIONS)
+    if size is not None:
+        given["size"] = size
+    return StyleOptions.from_given(given, max_size, MAX_ITERATIONS)
 
 
 # ---------------------------------------------------------------------------- results
@@ -380,20 +403,8 @@ def server_info_from(message: pb.GetServerInfoResponse) -> ServerInfo:
                                         layer_names=list(m.layer_names)) for m in message.models])
 
 
-# ---------------------------------------------------------------------------- errors
-
-_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:/[a-z_]+)?):\s")
-
-
-def error_field(message: str) -> str | None:
-    """The field an error message names ("style_layers: unknown layer ..." -> style_layers;
-    "content[1]: ..." -> content[1]), or None."""
-    match = _FIELD.match(message)
-    return match.group(1) if match else None
-
-
 __all__ = [
-    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "enum_number", "enum_value", "error_field",
+    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "enum_number", "enum_value",
     "format_name", "image_message", "loss_report_from", "loss_report_message",
     "losses_from", "losses_message", "losses_options", "losses_request", "option_values",
     "output_format", "progress_from", "progress_message", "result_from", "result_message",
