@@ -134,6 +134,10 @@ def preview(value: Any, limit: int = PREVIEW_CHARS, quoted: bool = True) -> str:
 #: counts as 0 (it would be subnormal or 0 on the device: a "learning rate" of 1e-320 is 0).
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
+#: The largest learning rate: Adam's first step is 10 times its rate (the bias correction),
+#: so float32's largest would overflow there; and no step a million times the pixel range
+#: [0, 1] is meaningful.
+MAX_LEARNING_RATE = 1e6
 
 
 def check_float(name: str, value: Any, low: float = 0.0, high: float = FLOAT32_MAX,
@@ -315,7 +319,7 @@ class StyleOptions:
         low=0, high=1, metavar="REL")
     learning_rate: float | None = option(
         None, "float", "step size (default: 1.0 for lbfgs, 0.02 for adam, in [0,1] pixels)",
-        low=0, low_exclusive=True, high=FLOAT32_MAX, optional=True, flag="--lr")
+        low=0, low_exclusive=True, high=MAX_LEARNING_RATE, optional=True, flag="--lr")
     seed: int = option(0, "int", "seed of the noise start image (64-bit); same seed and inputs "
                        "give the same output on one machine", low=-(2**63),
                        high=2**63 - 1, range_error="must be a 64-bit integer, got {value}")
@@ -470,7 +474,7 @@ def markdown_table() -> str:
 __all__ = [
     "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_CONTENT_LAYERS",
     "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEVICES", "MAX_ITERATIONS",
-    "FLOAT32_MAX", "FLOAT32_TINY", "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS",
+    "FLOAT32_MAX", "FLOAT32_TINY", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS",
     "OptionSpec", "StyleOptions", "check_choice", "check_float", "check_weight",
     "check_weights", "default_within", "enum_choices", "flag_of", "layer_names",
     "markdown_table", "preview", "scale_sizes", "split_list",
