@@ -4,8 +4,10 @@ Every field of :class:`StyleOptions` carries an :class:`OptionSpec` in its datac
 metadata: its kind, bounds, help text, CLI flag and which calls take it. Everything else is
 derived from that declaration:
 
-- validation (:meth:`StyleOptions.validated`), with errors that start with the option name
-  and show the bad value, e.g. ``"iterations: must be between 1 and 10000, got 0"``;
+- validation, once (:meth:`StyleOptions.validated`: a frozen, checked copy), with
+  :class:`~gramstyle.errors.FieldError` errors whose ``.field`` is the option and whose
+  message starts with it and shows the bad value, e.g. ``"iterations: must be between 1 and
+  10000, got 0"``; every float option is bounded within float32's range;
 - the proto conversion (:mod:`gramstyle.codec`: an option travels in the request field of the
   same name);
 - the CLI flags (:mod:`gramstyle.cli.flags`);
@@ -474,7 +476,8 @@ def markdown_table() -> str:
 __all__ = [
     "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_CONTENT_LAYERS",
     "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEVICES", "MAX_ITERATIONS",
-    "FLOAT32_MAX", "FLOAT32_TINY", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS",
+    "FLOAT32_MAX", "FLOAT32_TINY", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE",
+    "MIN_SCALE_SIZE", "POOLINGS",
     "OptionSpec", "StyleOptions", "check_choice", "check_float", "check_weight",
     "check_weights", "default_within", "enum_choices", "flag_of", "layer_names",
     "markdown_table", "preview", "scale_sizes", "split_list",
