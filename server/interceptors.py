@@ -181,7 +181,10 @@ class _Call:
 
 
 async def _malformed_abort(context: Any, request: MalformedRequest) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+    # The code from the one table (status imports this module, hence the late import).
+    from gramstyle.server.status import code_of
+
+    await context.abort(code_of(request), str(request))
 
 
 async def _internal(context: Any, call: _Call, exc: BaseException) -> None:
