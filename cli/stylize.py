@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -114,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
                     weights=args.weights or "",
                     output_format=codec.format_name(format_for_path(output)), **given)
         else:
-            # The bar moves every iteration; frames are picked above. (Validated options are
-            # frozen: this is a changed copy, which the engine checks.)
-            every_step = dataclasses.replace(options, progress_every=1)
+            # The bar moves every iteration; frames are picked above. (A checked copy: 1 is
+            # always a valid interval, so the engine does not check the options again.)
+            every_step = options.resolved(None, progress_every=1)
             result = load_engine(args).stylize(args.content, args.style, every_step,
                                                init_image=args.init_image,
                                                progress=on_progress, preview=want_preview)

@@ -410,9 +410,10 @@ class StyleOptions:
         return self._frozen(values, (max_size, max_iterations), None)
 
     def resolved(self, network: Any, **changes: Any) -> StyleOptions:
-        """A frozen copy of validated options with ``changes`` (canonical layer names,
-        precision resolved), marked as checked against ``network`` (an engine's key). For
-        the engine, which owns those checks."""
+        """A frozen copy of validated options with ``changes``, marked as checked against
+        ``network`` (an engine's key, or None). The changes are taken as they are: values
+        the caller has checked (the engine: canonical layer names, the precision resolved)
+        or that are valid by construction (the CLI: a progress interval of 1)."""
         if self.checked_limits is None:
             raise TypeError("resolved() needs validated options")
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -61,3 +61,23 @@ def test_info_shows_lowered_defaults_only_when_lowered():
     # An older server sends no defaults (0): nothing is claimed.
     assert "defaults" not in format_server_info(_info(default_size=0, default_iterations=0),
                                                 "host:1")
+
+
+def test_in_process_options_are_checked_once(images, tmp_path, monkeypatch, capsys):
+    """The CLI validates the options it was given once, before any model loads; the engine
+    then checks only the layer names against its network."""
+    import gramstyle.options as options_module
+    from gramstyle.cli import main
+    from gramstyle.options import StyleOptions
+
+    checked: list[str] = []
+    real = options_module.check_value
+    monkeypatch.setattr(options_module, "check_value",
+                        lambda name, *args: (checked.append(name), real(name, *args))[1])
+    out = tmp_path / "out.png"
+    code = main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 "-o", str(out), "--weights", "random", "--size", "32", "--iterations", "2",
+                 "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert out.exists()
+    assert sorted(checked) == sorted(name for name, _, _ in StyleOptions.specs())
