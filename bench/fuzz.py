@@ -141,7 +141,9 @@ _INTS = st.one_of(st.integers(-3, 80), st.sampled_from(
     [0, 1, -1, 16, 17, 32, 48, 64, 65, 2048, 10_000, 10_001, 2**31 - 1, -(2**31)]))
 _INT64 = st.one_of(_INTS, st.sampled_from([2**63 - 1, -(2**63)]))
 _FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                    st.floats(0, 10), st.sampled_from([0.0, -0.0, 1.0, 1e-300, 1e300]))
+                    st.floats(0, 10), st.sampled_from(
+                        [0.0, -0.0, 1.0, 1e-300, 1e300, 5e-324, 1e-40, 1.1754943508222875e-38,
+                         3.4028234663852886e38, 3.5e38, 1e6, 1.7976931348623157e308]))
 _NAMES = st.one_of(st.sampled_from(LAYERS), st.text(max_size=20),
                    st.builds(lambda n, c: c * n, st.integers(1, 20_000), st.sampled_from("x9é")))
 #: Valid images half of the time, so that cases get past the image checks.

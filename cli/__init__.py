@@ -33,7 +33,6 @@ from gramstyle.cli.flags import (
     flag_message,
 )
 from gramstyle.client.errors import ServiceError
-from gramstyle.images import ImageError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CLIError", "build_parser", "flag_message",
            "main"]
@@ -55,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CLIError as exc:
-        print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
+        print(f"gramstyle: error: {exc}", file=sys.stderr)
         return exc.code
     except ServiceError as exc:
         # The server's message already names the request field; keep it verbatim.
@@ -63,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gramstyle: error: server answered {exc.code.name}: {exc.message}{tries}",
               file=sys.stderr)
         return EXIT_USAGE if exc.caller_mistake else EXIT_FAILURE
-    except (ValueError, ImageError) as exc:
-        print(f"gramstyle: error: {flag_message(str(exc))}", file=sys.stderr)
+    except ValueError as exc:  # FieldError (ImageError, WeightsError ...): named by its flag
+        print(f"gramstyle: error: {flag_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gramstyle: interrupted", file=sys.stderr)

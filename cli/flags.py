@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from typing import Any
 
+from gramstyle.errors import GramstyleError
 from gramstyle.images import load_image
 from gramstyle.inputs import INPUTS, check_order, inputs_of
 from gramstyle.options import (
@@ -28,6 +28,7 @@ from gramstyle.options import (
     OptionSpec,
     StyleOptions,
     flag_of,
+    split_list,
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -40,23 +41,36 @@ _FLAGS.update({entry.name: entry.flag for entry in INPUTS if entry.flag.startswi
 COMMAND_RPC = {"stylize": "Stylize", "losses": "ComputeLosses"}
 
 
-class CLIError(Exception):
-    """An error to print and exit with; ``code`` is the exit status."""
+class CLIError(GramstyleError):
+    """An error to print and exit with; ``code`` is the exit status. Its message names the
+    flag (or environment variable) already."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
 
 
-def flag_message(message: str) -> str:
-    """Rewrite an API error "content_weight: ..." / "content[1]: ..." to name the CLI flag."""
-    match = re.match(r"^([a-z_]+)(?:\[(\d+)\])?:", message)
-    if not match:
-        return message
-    field, index = match.groups()
-    flag = _FLAGS.get(field) or _EXTRA_FLAGS.get(field) or "--" + field.replace("_", "-")
-    where = f"{flag} #{int(index) + 1}" if index is not None else flag
-    return f"{where}:{message[match.end():]}"
+def flag_for(field: str) -> str | None:
+    """The CLI flag of an API field: ``content_weight`` -> ``--content-weight``,
+    ``style_blend_weights`` -> ``--style-weights``, ``content[1]`` -> ``--content #2`` (the
+    second --content); None for a field that is not one name (``content/style``)."""
+    name, bracket, rest = field.partition("[")
+    if not (name.isidentifier() and name.isascii() and name.islower()):
+        return None
+    flag = _FLAGS.get(name) or _EXTRA_FLAGS.get(name) or "--" + name.replace("_", "-")
+    if not bracket:
+        return flag
+    index = rest.removesuffix("]")
+    return f"{flag} #{int(index) + 1}" if rest.endswith("]") and index.isdigit() else None
+
+
+def flag_message(error: BaseException) -> str:
+    """The message of an error (or warning) for the command line: a FieldError's (or
+    FieldWarning's) message names the flag of its ``.field`` instead of the field
+    ("content[1]: file not found" -> "--content #2: file not found"); any other is as is."""
+    field, problem = getattr(error, "field", None), getattr(error, "problem", None)
+    flag = flag_for(field) if isinstance(field, str) and isinstance(problem, str) else None
+    return f"{flag}: {problem}" if flag is not None else str(error)
 
 
 # ---------------------------------------------------------------------------- value parsers
@@ -77,17 +91,13 @@ def finite_float(text: str) -> float:
 
 def _float_list(text: str) -> tuple[float, ...]:
     values = []
-    for part in text.split(","):
+    for part in split_list(text):
         value = _number(part)
         if math.isnan(value) or value < 0 or math.isinf(value):
             raise argparse.ArgumentTypeError(f"{part.strip()!r}: weights must be finite "
                                              f"and >= 0")
         values.append(value)
     return tuple(values)
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
@@ -102,7 +112,7 @@ def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
     if spec.kind == "choice":
         return {**kwargs, "choices": spec.choices}
     parse = {"int": int, "float": finite_float if spec.low == 0 else _number,
-             "layers": _name_list, "layer_weights": _float_list,
+             "layers": split_list, "layer_weights": _float_list,
              "blend_weights": _float_list}[spec.kind]
     return {**kwargs, "type": parse}
 
@@ -250,18 +260,19 @@ def connect(args: argparse.Namespace):
                             tls_key=args.tls_key, tls_server_name=args.tls_server_name,
                             token=token)
         except ValueError as exc:
-            raise CLIError(_remote_message(str(exc), args)) from None
+            raise CLIError(_remote_message(exc, args)) from None
     for warning in caught:
-        print(f"gramstyle: warning: {_remote_message(str(warning.message), args)}",
+        print(f"gramstyle: warning: {_remote_message(warning.message, args)}",
               file=sys.stderr)
     return client
 
 
-def _remote_message(message: str, args: argparse.Namespace) -> str:
-    """A client message "tls_ca: ..." with the flag (or the variable) it came from."""
-    if message.startswith("token:") and args.token is None:
-        return TOKEN_ENV + message[len("token"):]
-    return flag_message(message)
+def _remote_message(error: BaseException, args: argparse.Namespace) -> str:
+    """A client error or warning about field "tls_ca" with the flag (or the variable) it
+    came from."""
+    if getattr(error, "field", None) == "token" and args.token is None:
+        return f"{TOKEN_ENV}: {error.problem}"
+    return flag_message(error)
 
 
 def refuse_remote_flags(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from gramstyle.errors import FieldError
 from gramstyle.images import save_image
 
 #: Most frames drawn on one sheet; more are thinned out evenly (keeping the first and last).
@@ -29,7 +30,7 @@ def draw_progress_sheet(frames: Sequence[tuple[str, Image.Image]], tile: int = 1
     """Lay ``(label, image)`` frames out in one row, each scaled to fit a ``tile`` px box,
     with its label underneath. Returns the sheet as an RGB image."""
     if not frames:
-        raise ValueError("progress_sheet: no frames to draw")
+        raise FieldError("progress_sheet", "no frames to draw")
     scaled = []
     for label, image in frames:
         # Scale up as well as down, so small frames and a large target line up.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from gramstyle.options import StyleOptions
+from gramstyle.options import StyleOptions, default_within
 from gramstyle.results import Losses, ServerInfo
 
 
@@ -60,6 +60,12 @@ def format_server_info(info: ServerInfo, target: str) -> str:
     lines.append(f"limits    {limits['max_pixels']} pixels per input image, output long side "
                  f"<= {limits['max_size']} px, <= {limits['max_iterations']} iterations, "
                  f"{limits['max_message_bytes'] / 2**20:.0f} MiB messages")
+    declared = default_within()
+    if limits.get("default_size") and (limits["default_size"], limits["default_iterations"]) \
+            != (declared["size"], declared["iterations"]):  # older servers send 0: omitted
+        lines.append(f"defaults  unset size {limits['default_size']} px, unset iterations "
+                     f"{limits['default_iterations']} (the server's limits are below "
+                     f"{declared['size']} px / {declared['iterations']})")
     lines.append(f"workers   {info.busy_workers}/{limits['workers']} busy, "
                  f"{info.queued}/{limits['queue_size']} queued")
     if limits.get("memory_budget_bytes"):  # servers older than the memory limits omit them

@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
                     arch=args.arch or "", weights=args.weights or "",
                     output_format=codec.format_name(format_for_path(output)), **given)
         else:
-            options.progress_every = 1  # the bar moves every iteration; frames picked above
-            result = load_engine(args).stylize(**images, options=options,
+            # The bar moves every iteration; frames are picked above. (A checked copy: 1 is
+            # always a valid interval, so the engine does not check the options again.)
+            every_step = options.resolved(None, progress_every=1)
+            result = load_engine(args).stylize(**images, options=every_step,
                                                progress=on_progress, preview=want_preview)
     save_image(result.image, output, "output")
     if args.progress_sheet:

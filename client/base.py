@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -24,6 +23,7 @@ from gramstyle.client.channel import (
 )
 from gramstyle.client.channel import channel_options as make_channel_options
 from gramstyle.client.errors import ServiceError
+from gramstyle.errors import FieldError, warn_field
 from gramstyle.results import Progress, StylizeResult
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -133,14 +133,14 @@ class ClientBase:
                  metadata: Sequence[tuple[str, str]] = ()):
         if isinstance(retries, bool) or not isinstance(retries, int) \
                 or not 0 <= retries <= MAX_RETRIES:
-            raise ValueError(f"retries: must be an integer between 0 and {MAX_RETRIES}, got "
-                             f"{retries!r}")
+            raise FieldError("retries", f"must be an integer between 0 and {MAX_RETRIES}, "
+                             f"got {retries!r}", retries)
         self.target = normalize_target(target)
         self.timeout = timeout
         self.retries = retries
         from_tls = tls_credentials(tls, tls_ca, tls_cert, tls_key)
         if credentials is not None and from_tls is not None:
-            raise ValueError("credentials: give either credentials= or tls/tls_ca/tls_cert/"
+            raise FieldError("credentials", "give either credentials= or tls/tls_ca/tls_cert/"
                              "tls_key, not both")
         credentials = credentials or from_tls
         #: True when the channel is encrypted.
@@ -149,9 +149,9 @@ class ClientBase:
         if token is not None:
             extra.append(bearer_metadata(token))
             if not self.tls and not is_loopback(self.target):
-                warnings.warn(f"token: sent in plaintext to {self.target}, which is not this "
-                              "machine; use tls=True (or tls_ca=) unless a service mesh "
-                              "encrypts the connection", UserWarning, stacklevel=2)
+                warn_field("token", f"sent in plaintext to {self.target}, which is not this "
+                           "machine; use tls=True (or tls_ca=) unless a service mesh "
+                           "encrypts the connection", stacklevel=2)
         self.metadata = (*metadata, *extra)
         opts = [*make_channel_options(max_message_bytes, tls_server_name), *channel_options]
         self.channel = (self._grpc.secure_channel(self.target, credentials, opts) if credentials

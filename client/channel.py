@@ -34,6 +34,8 @@ from pathlib import Path
 
 import grpc
 
+from gramstyle.errors import FieldError
+
 #: A PEM input: a file path, or the PEM contents themselves (bytes, or a str that holds a
 #: ``-----BEGIN`` line).
 PemSource = str | os.PathLike[str] | bytes
@@ -46,7 +48,7 @@ SERVICE = "gramstyle.v1.StyleTransferService"
 def _split_host_port(address: str) -> tuple[str, str]:
     host, sep, port = address.strip().rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ValueError(f"server: expected HOST:PORT, got {address!r}")
+        raise FieldError("server", f"expected HOST:PORT, got {address!r}", address)
     return host.strip("[]"), port
 
 
@@ -59,7 +61,7 @@ def normalize_target(target: str | Sequence[str]) -> str:
     else:
         addresses = [str(a) for a in target]
     if not addresses:
-        raise ValueError(f"server: no address given in {target!r}")
+        raise FieldError("server", f"no address given in {target!r}", target)
     if len(addresses) == 1:
         _split_host_port(addresses[0])  # fail early on "localhost" without a port
         return addresses[0].strip()
@@ -136,13 +138,14 @@ def read_pem(source: PemSource, field: str) -> bytes:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise ValueError(f"{field}: cannot read {path!r}: {exc.strerror or exc}") from None
+            raise FieldError(field, f"cannot read {path!r}: {exc.strerror or exc}",
+                             path) from None
     else:
         raise TypeError(f"{field}: expected a file path or PEM bytes, got "
                         f"{type(source).__name__}")
     marker, what = _PEM_KINDS[field]
     if marker not in data:
-        raise ValueError(f"{field}: {where} is not a PEM {what} (no "
+        raise FieldError(field, f"{where} is not a PEM {what} (no "
                          f"'-----BEGIN ...{what.upper()}-----' line)")
     return data
 
@@ -160,7 +163,7 @@ def tls_credentials(tls: bool = False, tls_ca: PemSource | None = None,
         return grpc.ssl_channel_credentials() if tls else None
     if (tls_cert is None) != (tls_key is None):
         missing = "tls_key" if tls_key is None else "tls_cert"
-        raise ValueError(f"{missing}: mutual TLS needs both tls_cert and tls_key; "
+        raise FieldError(missing, f"mutual TLS needs both tls_cert and tls_key; "
                          f"{missing} is missing")
     return grpc.ssl_channel_credentials(
         root_certificates=None if tls_ca is None else read_pem(tls_ca, "tls_ca"),
@@ -173,7 +176,7 @@ def bearer_metadata(token: str) -> tuple[str, str]:
     in an error message."""
     if not isinstance(token, str) or not token or not token.isascii() \
             or not token.isprintable() or any(c.isspace() for c in token):
-        raise ValueError("token: must be a non-empty string of printable ASCII characters "
+        raise FieldError("token", "must be a non-empty string of printable ASCII characters "
                          "without spaces (the value is not shown)")
     return ("authorization", f"Bearer {token}")
 

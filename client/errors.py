@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from gramstyle.errors import GramstyleError
+
 #: Codes that mean the caller asked for something wrong (the CLI exits 2 for these); every
 #: other code means the server or the network failed (exit 1).
 CALLER_MISTAKES = frozenset({
@@ -50,7 +52,7 @@ def field_violations(trailing_metadata) -> tuple[FieldViolation, ...]:
     return ()
 
 
-class ServiceError(Exception):
+class ServiceError(GramstyleError):
     """A call to the gramstyle service failed.
 
     Attributes:

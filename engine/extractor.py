@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from gramstyle.engine.bands import run_layer
+from gramstyle.errors import FieldError, WeightsError  # WeightsError: re-exported here
 from gramstyle.options import ARCHS, POOLINGS, check_choice, preview
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ _BUILDERS = {
     "vgg19": (torchvision.models.vgg19, torchvision.models.VGG19_Weights.IMAGENET1K_V1),
     "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1),
 }
-
-
-class WeightsError(ValueError):
-    """The ``weights`` option cannot be satisfied (missing file, wrong keys or shapes)."""
 
 
 def layer_names(features: nn.Sequential) -> list[str]:
@@ -71,7 +68,7 @@ def _load_imagenet(arch: str, features: nn.Sequential) -> None:
         state = weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:  # no network, proxy refusal, corrupt cache ...
         raise WeightsError(
-            f"weights: cannot load ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+            f"cannot load ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
             f"Expected the file {path} (torchvision's cache; set TORCH_HOME to move it). "
             f"Download it on a machine with internet, or use --weights random (a seeded "
             f"random network) or --weights PATH (a local state_dict file)."
@@ -82,17 +79,17 @@ def _load_imagenet(arch: str, features: nn.Sequential) -> None:
 def _load_file(path: str, features: nn.Sequential, arch: str) -> None:
     p = Path(path)
     if not p.is_file():
-        raise WeightsError(f"weights: file not found: {path!r} (expected imagenet, random, or a "
-                           f"path to a VGG state_dict)")
+        raise WeightsError(f"file not found: {path!r} (expected imagenet, random, or a path to a "
+                           f"VGG state_dict)", path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"weights: cannot load {path!r} as a torch state_dict (a file "
-                           f"written by torch.save): {type(exc).__name__}: {exc}") from exc
+        raise WeightsError(f"cannot load {path!r} as a torch state_dict (a file written by "
+                           f"torch.save): {type(exc).__name__}: {exc}", path) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsError(f"weights: {path!r} holds a {type(state).__name__}, not a state_dict")
+        raise WeightsError(f"{path!r} holds a {type(state).__name__}, not a state_dict", path)
     _load_state(features, state, f"{path!r}", arch)
 
 
@@ -105,7 +102,7 @@ def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "")
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise WeightsError(
-            f"weights: {what} does not match {arch or 'the'} VGG features: "
+            f"{what} does not match {arch or 'the'} VGG features: "
             f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
             f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
         )
@@ -113,7 +110,7 @@ def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "")
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise WeightsError(f"weights: {what}: key {key!r} has shape {shape}, "
+            raise WeightsError(f"{what}: key {key!r} has shape {shape}, "
                                f"expected {tuple(tensor.shape)}")
     features.load_state_dict({k: state[k].float() for k in expected})
 
@@ -136,7 +133,7 @@ class VGGFeatures(nn.Module):
         check_choice("arch", arch, ARCHS)
         check_choice("pooling", pooling, POOLINGS)
         if not isinstance(weights, str) or not weights:
-            raise WeightsError(f"weights: must be imagenet, random or a file path, got {weights!r}")
+            raise WeightsError(f"must be imagenet, random or a file path, got {weights!r}", weights)
         build = _BUILDERS[arch][0]
         if weights == "random":
             with torch.random.fork_rng(devices=[]):
@@ -174,11 +171,10 @@ class VGGFeatures(nn.Module):
         # (a length test first: int() refuses strings of over 4300 digits)
         if key.isascii() and key.isdigit() and len(key) < 4 and int(key) < len(self.layer_names):
             return self.layer_names[int(key)]
-        raise ValueError(
-            f"{field}: unknown layer {preview(layer)} for {self.arch}; use a name such as relu4_2 "
+        raise FieldError(
+            field, f"unknown layer {preview(layer)} for {self.arch}; use a name such as relu4_2 "
             f"(one of {self.layer_names[0]} ... {self.layer_names[-1]}) or an index 0.."
-            f"{len(self.layer_names) - 1}"
-        )
+            f"{len(self.layer_names) - 1}", layer)
 
     def resolve_all(self, layers: Iterable[str | int], field: str) -> tuple[str, ...]:
         """Canonical names of several layers; each layer may appear once."""
@@ -186,8 +182,8 @@ class VGGFeatures(nn.Module):
         for layer in layers:
             name = self.resolve(layer, field)
             if name in names:
-                raise ValueError(f"{field}: layer {name} is listed twice "
-                                 f"({preview(names[name])} and {preview(layer)})")
+                raise FieldError(field, f"layer {name} is listed twice "
+                                 f"({preview(names[name])} and {preview(layer)})", layer)
             names[name] = layer
         return tuple(names)
 

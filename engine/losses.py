@@ -90,20 +90,14 @@ class StyleLoss:
     """Relative Gram-matrix MSE of one layer against a blend of style targets.
 
     The Gram matrix and its squared error go through ``gramstyle.kernels.style_loss``, so the
-    fused C++/CUDA op runs when it is compiled. ``targets`` are the layer's features of each
-    style image ([1, C, H_i, W_i]: the sizes may differ, the Grams are all [C, C]).
+    fused C++/CUDA op runs when it is compiled. ``grams`` are the targets: the
+    :func:`gram_target` ([C, C]) of the layer's features of each style image (the images'
+    sizes may differ; the target cache keeps these Grams); ``blend_weights``: one per image,
+    normalised here.
     """
 
-    def __init__(self, targets: Sequence[torch.Tensor], blend_weights: Sequence[float]):
-        self.target = BlendedTarget.blend([gram_target(f) for f in targets], blend_weights)
-
-    @classmethod
-    def from_grams(cls, grams: Sequence[torch.Tensor], blend_weights: Sequence[float]
-                   ) -> StyleLoss:
-        """The loss against precomputed targets: :func:`gram_target` of each style image."""
-        loss = cls.__new__(cls)
-        loss.target = BlendedTarget.blend(grams, blend_weights)
-        return loss
+    def __init__(self, grams: Sequence[torch.Tensor], blend_weights: Sequence[float]):
+        self.target = BlendedTarget.blend(grams, blend_weights)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """The unweighted relative loss of ``features`` ([1, C, H, W]), 0-dim float32."""

@@ -11,9 +11,11 @@ loss modules, their weights, the pixels they were built from); building one runs
 on the targets once (or takes them from a :class:`~gramstyle.engine.target_cache.TargetCache`),
 evaluating it runs the network on ``x``.
 
-The checks that need the network live here, in :func:`check_against_network`; the options'
-own bounds are in their declaration (:class:`gramstyle.options.StyleOptions`), and the
-checks of the images given against the options in :func:`check_images`.
+The options arrive validated (:meth:`gramstyle.options.StyleOptions.validated`, at the edge:
+the codec for a request, ``StyleTransfer.validate`` in-process) and are not checked again.
+What needs the network or the images lives here: :func:`resolve_layers` (layer names, once
+per request), :func:`check_feature_sizes` (feature maps at the sizes the images give) and
+:func:`check_images` (the images given against the options).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gramstyle.engine.losses import ContentLoss, LayerSum, StyleLoss, gram_targe
 from gramstyle.engine.precision import resolve_precision
 from gramstyle.engine.target_cache import TargetCache, image_digest
 from gramstyle.engine.tensors import to_tensor
+from gramstyle.errors import FieldError
 from gramstyle.images import long_side_size
 from gramstyle.inputs import output_size, style_side
 from gramstyle.options import StyleOptions, check_weights
@@ -47,59 +50,62 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def check_images(contents: Sequence[Image.Image], styles: Sequence[Image.Image],
                  options: StyleOptions) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Check that the images given suit ``options``; return the content and style blend
-    weights (one per image, not yet normalised)."""
+    weights (one per image, not yet normalised; their values were checked with the options,
+    their number is checked here)."""
     if options.content_weight > 0 and options.content_layers and not contents:
-        raise ValueError("content: at least one content image is needed when "
+        raise FieldError("content", "at least one content image is needed when "
                          "content_weight > 0 (set content_weight to 0 for pure texture "
                          "synthesis)")
     if options.style_weight > 0 and options.style_layers and not styles:
-        raise ValueError("style: at least one style image is needed when style_weight > 0 "
+        raise FieldError("style", "at least one style image is needed when style_weight > 0 "
                          "(set style_weight to 0 for pure feature inversion)")
     if not contents and not styles:
-        raise ValueError("content/style: give at least one content or style image")
+        raise FieldError("content/style", "give at least one content or style image")
     content_blend = check_weights("content_blend_weights", options.content_blend_weights,
                                   len(contents))
     style_blend = check_weights("style_blend_weights", options.style_blend_weights, len(styles))
     if options.preserve_colors and not contents:
-        raise ValueError("preserve_colors: needs a content image to take the colours from")
+        raise FieldError("preserve_colors", "needs a content image to take the colours from")
     return content_blend, style_blend
 
 
-def check_against_network(extractor: VGGFeatures, options: StyleOptions,
-                          output: tuple[int, int] | None = None, *, content: bool = True,
-                          styles: Sequence[tuple[int, int]] = (),
-                          output_field: str = "size") -> StyleOptions:
-    """Every check of ``options`` that needs the network; returns ``options``.
+def resolve_layers(extractor: VGGFeatures, options: StyleOptions) -> dict[str, tuple[str, ...]]:
+    """The canonical names (``"22"`` -> ``"relu4_2"``) of ``content_layers`` and
+    ``style_layers``, by option name; each layer must exist and be listed once."""
+    return {name: extractor.resolve_all(getattr(options, name), name)
+            for name in ("content_layers", "style_layers")}
 
-    Always: each of ``content_layers``/``style_layers`` exists and is listed once; both are
-    replaced, in place, by the canonical names (``"22"`` -> ``"relu4_2"``).
 
-    With ``output`` (width, height in px): every feature map used keeps at least one pixel,
-    for the output image (named ``output_field`` in errors; its layers are the content layers
-    when ``content`` images are used and the style layers when ``styles`` are) and for each
-    style image at its resized (width, height) ``styles[i]``. This runs before the network
-    does, so a too-small image is a clear ValueError rather than a failed convolution.
-    """
-    options.content_layers = extractor.resolve_all(options.content_layers, "content_layers")
-    options.style_layers = extractor.resolve_all(options.style_layers, "style_layers")
-    if output is None:
-        return options
+def check_feature_sizes(extractor: VGGFeatures, options: StyleOptions,
+                        output: tuple[int, int], *, content: bool = True,
+                        styles: Sequence[tuple[int, int]] = (),
+                        output_field: str = "size") -> None:
+    """Every feature map used keeps at least one pixel, for the ``output`` image (width,
+    height in px; named ``output_field`` in errors; its layers are the content layers when
+    ``content`` images are used and the style layers when ``styles`` are) and for each style
+    image at its resized (width, height) ``styles[i]``. This runs before the network does, so
+    a too-small image is a clear FieldError rather than a failed convolution. The layer
+    names of ``options`` are canonical (:func:`resolve_layers`)."""
     width, height = output
     layer, need = extractor.min_side((options.content_layers if content else ())
                                      + (options.style_layers if styles else ()))
     if min(width, height) < need:
-        raise ValueError(f"{output_field}: the image would be {width}x{height} px, too "
+        raise FieldError(output_field, f"the image would be {width}x{height} px, too "
                          f"small for layer {layer} (its short side must be at least {need} "
-                         f"px); use a larger size or shallower layers")
+                         f"px); use a larger size or shallower layers", (width, height))
     if styles:
         layer, need = extractor.min_side(options.style_layers)
         for i, (w, h) in enumerate(styles):
             if min(w, h) < need:
-                raise ValueError(f"style[{i}]: resized to {w}x{h} px (long side "
+                raise FieldError(f"style[{i}]", f"resized to {w}x{h} px (long side "
                                  f"size*style_scale = {max(w, h)}), too small for layer "
                                  f"{layer} (short side at least {need} px); raise "
-                                 f"style_scale or size")
-    return options
+                                 f"style_scale or size", (w, h))
+
+
+def _layer_weights(weights: Sequence[float] | None, layers: Sequence[str]) -> Sequence[float]:
+    """The layer weights of validated options: None means equal."""
+    return (1.0,) * len(layers) if weights is None else weights
 
 
 @dataclass
@@ -182,7 +188,7 @@ class Objective:
               keep_pixels: bool = True) -> Objective:
         """Check the images against ``options`` and the network, then compute the targets.
 
-        ``options`` must be validated (:meth:`StyleTransfer.validate`). ``size`` = (width,
+        ``options`` must be checked (:meth:`StyleTransfer.validate`). ``size`` = (width,
         height) of the output in px; by default the first content (or style) image resized
         to long side ``options.size``. Content images are resized to exactly ``size``, style
         images to long side ``max(size) * style_scale``.
@@ -212,8 +218,8 @@ class Objective:
             return image.resize(to, Image.Resampling.LANCZOS) if image.size != to else image
 
         style_sizes = [long_side_size(s.width, s.height, side) for s in styles]
-        check_against_network(extractor, options, size, content=bool(contents),
-                              styles=style_sizes, output_field=output_field)
+        check_feature_sizes(extractor, options, size, content=bool(contents),
+                            styles=style_sizes, output_field=output_field)
 
         device = extractor.mean.device
         precision = resolve_precision(options.precision, device)
@@ -244,13 +250,15 @@ class Objective:
             feats = [targets("content", i, content_layers, lambda f: f)
                      for i in range(len(contents))]
             content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
-                                     for n in content_layers}, options.content_layer_weights)
+                                     for n in content_layers},
+                                    _layer_weights(options.content_layer_weights, content_layers))
         if style_layers:
             grams = [targets("style", i, style_layers,
                              lambda f: {n: gram_target(v) for n, v in f.items()})
                      for i in range(len(styles))]
-            style_loss = LayerSum({n: StyleLoss.from_grams([g[n] for g in grams], style_blend)
-                                   for n in style_layers}, options.style_layer_weights)
+            style_loss = LayerSum({n: StyleLoss([g[n] for g in grams], style_blend)
+                                   for n in style_layers},
+                                  _layer_weights(options.style_layer_weights, style_layers))
         return cls(extractor, content_loss, style_loss, options.content_weight,
                    options.style_weight, options.tv_weight, precision, width, height,
                    content_t, style_t,

@@ -31,6 +31,7 @@ from gramstyle.engine.lbfgs import LBFGS
 from gramstyle.engine.objective import LossTerms, Objective, fetch
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.tensors import to_image, to_tensor
+from gramstyle.errors import FieldError
 from gramstyle.options import (
     CONVERGENCE_CHECK_EVERY,
     CONVERGENCE_WINDOW,
@@ -105,8 +106,8 @@ class Convergence:
         whether the scale has converged."""
         best, bad_at, bad_loss = values
         if bad_at:
-            raise ValueError(f"learning_rate: the optimisation diverged (total loss {bad_loss} "
-                             f"at iteration {done_before + int(bad_at)}); lower "
+            raise FieldError("learning_rate", f"the optimisation diverged (total loss "
+                             f"{bad_loss} at iteration {done_before + int(bad_at)}); lower "
                              f"learning_rate or the loss weights")
         if not test:
             return False
@@ -134,16 +135,17 @@ def start_image(objective: Objective, init: str | None, seed: int,
     size = (objective.width, objective.height)
     if init == "content":
         if not objective.contents:
-            raise ValueError("init: 'content' needs a content image; use noise or style")
+            raise FieldError("init", "'content' needs a content image; use noise or style",
+                             init)
         return objective.contents[0].clone()
     if init == "style":
         if not objective.styles:
-            raise ValueError("init: 'style' needs a style image; use noise or content")
+            raise FieldError("init", "'style' needs a style image; use noise or content", init)
         image = to_image(objective.styles[0]).resize(size, Image.Resampling.LANCZOS)
         return to_tensor(image, objective.device)
     if init == "image":
         if init_image is None:
-            raise ValueError("init_image: init is 'image' but no init image was given")
+            raise FieldError("init_image", "init is 'image' but no init image was given")
         return to_tensor(init_image.resize(size, Image.Resampling.LANCZOS), objective.device)
     # Drawn on the CPU so that a seed gives the same image on every device.
     generator = torch.Generator().manual_seed(seed)

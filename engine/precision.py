@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from gramstyle.errors import FieldError
+
 #: The precisions the network can run in; 'auto' resolves to one of them.
 PRECISIONS = ("fp32", "bf16")
 
@@ -75,8 +77,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision: must be one of auto, {', '.join(PRECISIONS)}, "
-                         f"got {precision!r}")
+        raise FieldError("precision", f"must be one of auto, {', '.join(PRECISIONS)}, "
+                         f"got {precision!r}", precision)
     return precision
 
 

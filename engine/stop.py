@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from gramstyle.errors import Cancelled  # defined with the other errors; re-exported here
+
 #: Work between two polls of ``should_stop``.
 POLL_SECONDS = 0.05
 
@@ -37,18 +39,6 @@ class StopCheck:
         self._pending += seconds
         if self._pending >= self._interval and self.poll():
             raise self._error()
-
-
-class Cancelled(Exception):
-    """Raised by :func:`gramstyle.engine.optimise.optimise` (and ``StyleTransfer.stylize``)
-    when ``should_stop()`` returned True. ``iterations``: the steps that had run, over all
-    scales."""
-
-    stop_reason = "cancelled"
-
-    def __init__(self, message: str, iterations: int = 0):
-        super().__init__(message)
-        self.iterations = iterations
 
 
 __all__ = ["POLL_SECONDS", "Cancelled", "Check", "StopCheck"]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from gramstyle.errors import FieldError
 from gramstyle.options import DEFAULT_TARGET_CACHE_MB
 
 Targets = dict[str, torch.Tensor]
@@ -72,7 +73,8 @@ class TargetCache:
 
     def __init__(self, max_bytes: int = DEFAULT_TARGET_CACHE_MB * 2**20):
         if max_bytes < 0:
-            raise ValueError(f"target_cache_mb: must be >= 0, got {max_bytes / 2**20:g}")
+            raise FieldError("target_cache_mb", f"must be >= 0, got {max_bytes / 2**20:g}",
+                             max_bytes / 2**20)
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[Hashable, tuple[Targets, int]] = OrderedDict()
         self._bytes = 0

@@ -6,7 +6,12 @@
 
 Images may be paths, encoded bytes or PIL images; they are decoded and validated by
 ``gramstyle.images.load_image``. Pixels are RGB in [0, 1] throughout. Every bad input raises a
-``ValueError`` whose message starts with the field name (``content[0]``, ``style_layers``, ...).
+:class:`~gramstyle.errors.FieldError` (a ``ValueError``) whose ``field`` names the input and
+whose message starts with it (``content[0]``, ``style_layers``, ...).
+
+Options are checked once: :meth:`StyleTransfer.validate` returns a frozen copy checked against
+the limits and this network, and every method given such a copy (from the gRPC service, or
+from a caller that validated it) uses it as it is.
 The engine is thread-safe: the network is frozen and each call keeps its own state.
 
 :class:`StyleTransfer` is the facade over the parts:
@@ -34,11 +39,12 @@ from PIL import Image
 from gramstyle import kernels
 from gramstyle.engine import precision as _precision
 from gramstyle.engine.extractor import VGGFeatures
-from gramstyle.engine.objective import Objective, check_against_network
+from gramstyle.engine.objective import Objective, resolve_layers
 from gramstyle.engine.optimise import optimise
 from gramstyle.engine.stop import Cancelled, StopCheck
 from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.tensors import to_tensor
+from gramstyle.errors import FieldError
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from gramstyle.options import (
     DEFAULT_ARCH,
@@ -63,7 +69,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+        raise FieldError("device", "'cuda' was asked for but torch sees no CUDA device", device)
     return torch.device(device)
 
 
@@ -170,17 +176,23 @@ class StyleTransfer:
 
     def validate(self, options: StyleOptions | None, max_iterations: int = MAX_ITERATIONS
                  ) -> StyleOptions:
-        """A checked copy of ``options`` (defaults when None) with canonical layer names and
-        precision 'auto' resolved to 'fp32' or 'bf16' for this device.
+        """A frozen, checked copy of ``options`` (defaults when None) with canonical layer
+        names and precision 'auto' resolved to 'fp32' or 'bf16' for this device.
 
-        Checks the options' own bounds (``output long side <= max_size``, ``iterations *
-        scales <= max_iterations``) and the layer names against this network. The checks
-        that need the images (how many, their sizes) run when the images are there.
+        Checks the options' own bounds (:meth:`StyleOptions.validated`: ``output long side
+        <= max_size``, ``iterations * scales <= max_iterations``) and the layer names against
+        this network. Options this engine already checked (within these limits) are returned
+        as they are, and options validated elsewhere (the codec, the CLI) are not checked
+        against their bounds again. The checks that need the images (how many, their sizes)
+        run when the images are there.
         """
-        options = dataclasses.replace(options) if options is not None else StyleOptions()
-        options.validated(max_size=self.max_size, max_iterations=max_iterations)
-        options.precision = _precision.resolve_precision(options.precision, self.device)
-        return check_against_network(self.extractor, options)
+        options = options if options is not None else StyleOptions()
+        options = options.validated(max_size=self.max_size, max_iterations=max_iterations)
+        if options.network == self.model_key:
+            return options
+        return options.resolved(
+            self.model_key, **resolve_layers(self.extractor, options),
+            precision=_precision.resolve_precision(options.precision, self.device))
 
     def stylize(
         self,
@@ -222,8 +234,8 @@ class StyleTransfer:
         styles = _load(style, "style", self.max_pixels, check)
         if init_image is not None:
             if options.init not in (None, "image"):
-                raise ValueError(f"init_image: given, but init is {options.init!r}; set init "
-                                 f"to 'image' (or leave it unset) to start from it")
+                raise FieldError("init_image", f"given, but init is {options.init!r}; set "
+                                 f"init to 'image' (or leave it unset) to start from it")
             init_image = load_image(init_image, "init_image", self.max_pixels, check=check)
 
         def objective_at(size: int) -> Objective:
@@ -265,9 +277,12 @@ class StyleTransfer:
         check = _checker(should_stop)
         image = load_image(candidate, "candidate", self.max_pixels, max_side=self.max_size,
                            check=check)
-        # The candidate's long side stands in for `size` (the style scale is checked against it).
-        options = self.validate(dataclasses.replace(options or StyleOptions(),
-                                                    size=max(16, *image.size)))
+        # The candidate's long side stands in for `size` (the style scale is checked against
+        # it); options validated with that size already (the service's) are used as they are.
+        side = max(16, *image.size)
+        if options is None or options.size != side:
+            options = dataclasses.replace(options or StyleOptions(), size=side)
+        options = self.validate(options)
         objective = Objective.build(
             self.network(options.precision), _load(content, "content", self.max_pixels, check),
             _load(style, "style", self.max_pixels, check), options, size=image.size,

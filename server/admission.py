@@ -34,20 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gramstyle.errors import FieldError, QueueFull, ShuttingDown  # the last two: re-exported
+
 T = TypeVar("T")
 
 #: Share of the machine's (or the container's) memory the default memory budget may use.
 MEMORY_BUDGET_SHARE = 0.8
 #: The smallest default memory budget, bytes.
 MIN_DEFAULT_MEMORY_BUDGET = 256 * 2**20
-
-
-class QueueFull(Exception):
-    """Every worker is busy and the wait queue is full."""
-
-
-class ShuttingDown(Exception):
-    """The queue no longer accepts jobs: the server is shutting down."""
 
 
 @dataclass(eq=False)
@@ -75,11 +69,11 @@ class WorkQueue:
     def __init__(self, workers: int, queue_size: int, memory_budget: int | None = None,
                  on_change: Callable[[int, int, int], None] | None = None):
         if workers < 1:
-            raise ValueError(f"workers: must be >= 1, got {workers}")
+            raise FieldError("workers", f"must be >= 1, got {workers}")
         if queue_size < 0:
-            raise ValueError(f"queue_size: must be >= 0, got {queue_size}")
+            raise FieldError("queue_size", f"must be >= 0, got {queue_size}")
         if memory_budget is not None and memory_budget <= 0:
-            raise ValueError(f"memory_budget: must be > 0 bytes, got {memory_budget}")
+            raise FieldError("memory_budget", f"must be > 0 bytes, got {memory_budget}")
         self.workers = workers
         self.queue_size = queue_size
         self.memory_budget = memory_budget

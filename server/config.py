@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from gramstyle.errors import FieldError
 from gramstyle.images import DEFAULT_MAX_PIXELS
 from gramstyle.options import (
     ARCHS,
@@ -151,13 +152,14 @@ class Setting:
         return None
 
 
-class SettingError(ValueError):
-    """A setting out of its bounds or choices: ``.name`` (the ServeConfig field), ``.value``
-    and ``.problem`` ('must be >= 1, got 0'); the message is 'name: problem'."""
+class SettingError(FieldError):
+    """A setting out of its bounds or choices: ``.field`` (the ServeConfig field; also
+    ``.name``), ``.value`` and ``.problem`` ('must be >= 1, got 0'); the message is
+    'name: problem'."""
 
     def __init__(self, name: str, value: Any, problem: str):
-        super().__init__(f"{name}: {problem}")
-        self.name, self.value, self.problem = name, value, problem
+        super().__init__(name, problem, value)
+        self.name = name
 
 
 def _number(bound: float) -> str:

@@ -63,6 +63,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.server.interceptors import REQUEST_ID_KEY, observe
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import UNAUTHENTICATED_MESSAGE, TlsFiles, TokenStore
@@ -120,7 +121,7 @@ def error_object(code: grpc.StatusCode, message: str, details: Any = None,
     return {"error": error}
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(GramstyleError):
     """The request body is over the limit (HTTP 413)."""
 
 
@@ -193,15 +194,17 @@ class HttpContext:
 # ---------------------------------------------------------------------------- bodies
 
 
-async def _abort_invalid(context: HttpContext, message: str) -> None:
-    """INVALID_ARGUMENT, with the field violation when ``message`` starts with a field."""
-    status = rich_status(grpc.StatusCode.INVALID_ARGUMENT, message)
+async def _abort_invalid(context: HttpContext, message: str, field: str | None = None) -> None:
+    """INVALID_ARGUMENT, with a field violation naming ``field`` when given."""
+    status = rich_status(grpc.StatusCode.INVALID_ARGUMENT, message, field)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _parse_problem(exc: Exception, message: Message) -> str:
-    """A json_format error as a message starting with the field it names, when it names a
-    field of ``message`` (so the error carries a field violation)."""
+def _parse_problem(exc: Exception, message: Message) -> tuple[str, str | None]:
+    """A json_format error as (a message starting with the field it names, that field), when
+    it names a field of ``message`` (so the error carries a field violation); else (a
+    message starting with "request body", None). json_format names the field only in its
+    message, so this is the one place that reads a field from a message."""
     text = str(exc)
     match = _PARSE_FIELD.search(text)
     if match:
@@ -209,8 +212,8 @@ def _parse_problem(exc: Exception, message: Message) -> str:
         by_json = {f.json_name: f for f in message.DESCRIPTOR.fields}
         field = fields.get(match.group(1)) or by_json.get(match.group(1))
         if field is not None:
-            return f"{field.name}: {text}"
-    return f"request body: {text}"
+            return f"{field.name}: {text}", field.name
+    return f"request body: {text}", None
 
 
 def _form_value(field: FieldDescriptor, value: str) -> Any:
@@ -218,13 +221,13 @@ def _form_value(field: FieldDescriptor, value: str) -> Any:
     if field.type == FieldDescriptor.TYPE_BOOL:
         lowered = value.strip().lower()
         if lowered not in _TRUE | _FALSE:
-            raise ValueError(f"{field.name}: expected true or false, got {value[:40]!r}")
+            raise FieldError(field.name, f"expected true or false, got {value[:40]!r}")
         return lowered in _TRUE
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         try:
             return json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"{field.name}: expected a JSON object ({exc})") from None
+            raise FieldError(field.name, f"expected a JSON object ({exc})") from None
     return value
 
 
@@ -245,15 +248,15 @@ async def _message_from_form(form: Any, message: Message) -> None:
     for key, value in form.multi_items():
         field = by_name.get(key)
         if field is None:
-            raise ValueError(f"{key[:40]}: not a field of {descriptor.full_name}")
+            raise FieldError(key[:40], f"not a field of {descriptor.full_name}")
         is_image = field.type == FieldDescriptor.TYPE_BYTES or (
             field.message_type is not None and field.message_type.name == "WeightedImage")
         if isinstance(value, UploadFile):
             if not is_image:
-                raise ValueError(f"{field.name}: a file was sent for a field that takes text")
+                raise FieldError(field.name, "a file was sent for a field that takes text")
             files.append((field, await value.read()))
         elif is_image:
-            raise ValueError(f"{field.name}: send the image as a file")
+            raise FieldError(field.name, "send the image as a file")
         elif _repeated(field):
             values.setdefault(field.name, []).append(_form_value(field, value))
         else:
@@ -477,7 +480,7 @@ class HttpFront:
         except BodyTooLarge:
             await self._too_large(context, None)
         except json_format.ParseError as exc:
-            await _abort_invalid(context, _parse_problem(exc, message))
+            await _abort_invalid(context, *_parse_problem(exc, message))
         except SystemError as exc:
             # protobuf's upb looks an unknown key up as UTF-8: a key with an unpaired UTF-16
             # surrogate ("\\ud800", valid JSON) fails inside it.
@@ -497,7 +500,7 @@ class HttpFront:
             await _abort_invalid(context, f"request body: not UTF-8 ({exc.reason} at byte "
                                           f"{exc.start})")
         except ValueError as exc:
-            await _abort_invalid(context, str(exc))
+            await _abort_invalid(context, str(exc), getattr(exc, "field", None))
         finally:
             context.body_read.set()
         size = message.ByteSize()

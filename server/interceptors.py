@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from gramstyle.errors import MalformedRequest  # re-exported here
 from gramstyle.server.metrics import Metrics
 
 log = logging.getLogger("gramstyle.server.requests")
@@ -66,11 +67,6 @@ def deadline_passed(context: Any) -> bool:
 def current_request_id() -> str:
     """The id of the request being handled in this task ('-' outside a request)."""
     return _request_id.get()
-
-
-class MalformedRequest(Exception):
-    """The request bytes are not a valid message of the method's request type. The safe
-    deserializers return (not raise) an instance, and the interceptor ends the call."""
 
 
 def _safe_deserializer(deserializer: Callable[[bytes], Any] | None
@@ -185,7 +181,10 @@ class _Call:
 
 
 async def _malformed_abort(context: Any, request: MalformedRequest) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+    # The code from the one table (status imports this module, hence the late import).
+    from gramstyle.server.status import code_of
+
+    await context.abort(code_of(request), str(request))
 
 
 async def _internal(context: Any, call: _Call, exc: BaseException) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from gramstyle.engine.optimise import LBFGS_HISTORY  # pairs kept, each two copies of the image
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.inputs import input_named, output_size, resized_size
 from gramstyle.options import StyleOptions, scale_sizes
@@ -51,11 +52,6 @@ from gramstyle.sizes import format_size
 OVERHEAD = 64 * 2**20
 #: Multiplier on the modelled bytes (fragmentation, reorder buffers of the convolutions).
 MARGIN = 1.25
-#: L-BFGS history pairs (each pair is two copies of the image); optimise.LBFGS_HISTORY.
-try:
-    from gramstyle.engine.optimise import LBFGS_HISTORY
-except ImportError:  # pragma: no cover - an engine without the constant
-    LBFGS_HISTORY = 100
 
 #: Modes whose conversion to RGB takes several full copies (see images.to_rgb).
 _WIDE_MODES = {"RGBA", "LA", "PA", "P", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "1"}

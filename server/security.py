@@ -40,6 +40,8 @@ from typing import Any
 
 import grpc
 
+from gramstyle.errors import FieldError
+
 log = logging.getLogger(__name__)
 
 #: What a rejected call is told (clients and tests match on it).
@@ -66,13 +68,13 @@ def _read(path: Path, field: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"{field}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        raise FieldError(field, f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def _read_pem(path: Path, field: str, what: str) -> bytes:
     data = _read(path, field)
     if _PEM_MARKERS[what] not in data:
-        raise ValueError(f"{field}: {str(path)!r} is not a PEM {what} (no "
+        raise FieldError(field, f"{str(path)!r} is not a PEM {what} (no "
                          f"'-----BEGIN ...{what.upper()}-----' line)")
     return data
 
@@ -166,7 +168,7 @@ class TlsFiles(_Watched):
         try:  # the chain alone first, so that an error names the right file
             context.load_verify_locations(cadata=cert.decode("ascii", "replace"))
         except (ssl.SSLError, ValueError) as exc:
-            raise ValueError(f"tls_cert: {str(self.cert)!r} holds no valid PEM certificate "
+            raise FieldError("tls_cert", f"{str(self.cert)!r} holds no valid PEM certificate "
                              f"({exc})") from None
         try:
             context.load_cert_chain(self.cert, self.key, password=_no_password)
@@ -174,9 +176,9 @@ class TlsFiles(_Watched):
             reason = ("it is not the private key of the certificate in "
                       f"{str(self.cert)!r}" if "KEY_VALUES_MISMATCH" in str(exc)
                       else "it is not a valid PEM private key")
-            raise ValueError(f"tls_key: {str(self.key)!r}: {reason} ({exc})") from None
+            raise FieldError("tls_key", f"{str(self.key)!r}: {reason} ({exc})") from None
         except ValueError as exc:  # _no_password
-            raise ValueError(f"tls_key: {str(self.key)!r}: {exc}") from None
+            raise FieldError("tls_key", f"{str(self.key)!r}: {exc}") from None
         ca = None
         if self.client_ca is not None:
             ca = _read_pem(self.client_ca, "tls_client_ca", "certificate")
@@ -184,7 +186,7 @@ class TlsFiles(_Watched):
                 ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
                     cadata=ca.decode("ascii", "replace"))
             except (ssl.SSLError, ValueError) as exc:
-                raise ValueError(f"tls_client_ca: {str(self.client_ca)!r} holds no valid PEM "
+                raise FieldError("tls_client_ca", f"{str(self.client_ca)!r} holds no valid PEM "
                                  f"certificate ({exc})") from None
         return _Pem(cert, key, ca)
 
@@ -260,11 +262,11 @@ class TokenStore(_Watched):
             if not line or line.startswith(b"#"):
                 continue
             if not line.isascii() or not all(33 <= c < 127 for c in line):
-                raise ValueError(f"auth_tokens: {str(self.path)!r} line {number}: a token must "
+                raise FieldError("auth_tokens", f"{str(self.path)!r} line {number}: a token must "
                                  f"be printable ASCII without spaces (the line is not shown)")
             digests.append(_digest(line))
         if not digests:
-            raise ValueError(f"auth_tokens: {str(self.path)!r} holds no token (one per line; "
+            raise FieldError("auth_tokens", f"{str(self.path)!r} holds no token (one per line; "
                              f"'#' starts a comment)")
         return tuple(dict.fromkeys(digests))
 
@@ -375,8 +377,8 @@ def check_plaintext_tokens(host: str, tls: bool, tokens: bool, insecure_auth: bo
     if not tokens or tls or is_loopback_host(host):
         return
     if not insecure_auth:
-        raise ValueError(
-            f"auth_tokens: tokens would travel in plaintext to {host}, which is not only this "
+        raise FieldError(
+            "auth_tokens", f"tokens would travel in plaintext to {host}, which is not only this "
             f"machine; give --tls-cert and --tls-key, listen on 127.0.0.1, or pass "
             f"--insecure-auth when something else encrypts the traffic (a service mesh)")
     log.warning("--insecure-auth: bearer tokens travel in plaintext to %s; anyone on the path "

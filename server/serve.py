@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 from gramstyle import kernels
 from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.transfer import StyleTransfer
+from gramstyle.errors import FieldError
 from gramstyle.server.admission import WorkQueue, default_memory_budget
 from gramstyle.server.config import ServeConfig
 from gramstyle.server.health import HealthServicer
@@ -395,9 +396,9 @@ def security_from_config(config: ServeConfig) -> tuple[TlsFiles | None, TokenSto
     (unless ``insecure_auth``, which warns)."""
     if (config.tls_cert is None) != (config.tls_key is None):
         missing = "tls_key" if config.tls_key is None else "tls_cert"
-        raise ValueError(f"{missing}: TLS needs both --tls-cert and --tls-key")
+        raise FieldError(missing, "TLS needs both --tls-cert and --tls-key")
     if config.tls_client_ca is not None and config.tls_cert is None:
-        raise ValueError("tls_client_ca: mutual TLS needs --tls-cert and --tls-key too")
+        raise FieldError("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key too")
     check_plaintext_tokens(config.host, config.tls_cert is not None,
                            config.auth_tokens is not None, config.insecure_auth)
     tls = None if config.tls_cert is None else TlsFiles(

@@ -6,8 +6,10 @@ Threading model: the gRPC server runs on one asyncio event loop
 no number of them can stop a health check or GetServerInfo from answering. The compute runs
 on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
 
-1. **Checks, before anything is decoded** (in the handler): the model, the options and
-   layers, the number of images (``max_images``), then each image's header
+1. **Checks, before anything is decoded** (in the handler): the model, the options (read and
+   validated once, by the codec, within this server's limits; the layer names by the
+   engine, which then trusts them), the number of images (``max_images``), then each
+   image's header
    (:func:`gramstyle.images.probe_image`: allowed format, pixel limit, a ComputeLosses
    candidate's size) and the request's peak-memory estimate
    (:mod:`gramstyle.server.memory`), which must fit ``max_request_memory``. A caller's
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -42,15 +43,17 @@ import grpc
 
 import gramstyle
 from gramstyle import codec
+from gramstyle.engine.optimise import LBFGS_HISTORY
 from gramstyle.engine.transfer import StyleTransfer
+from gramstyle.errors import FieldError, ModelNotLoaded, QueueFull, ShuttingDown
 from gramstyle.images import ImageHeader, probe_image
 from gramstyle.inputs import check_order, input_named
-from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
+from gramstyle.options import MAX_ITERATIONS, StyleOptions, default_within, preview
 from gramstyle.results import ModelInfo, ServerInfo
 from gramstyle.server import memory
-from gramstyle.server.admission import QueueFull, ShuttingDown, WorkQueue
+from gramstyle.server.admission import WorkQueue
 from gramstyle.server.config import DEFAULT_MAX_IMAGES
-from gramstyle.server.status import ModelNotLoaded, abort
+from gramstyle.server.status import abort
 from gramstyle.sizes import format_size
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -61,11 +64,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransferService"].full_name
 
 #: Progress messages held for a caller that reads slowly; older ones are dropped.
 RELAY_LIMIT = 16
-
-
-def _shown(text: str) -> str:
-    """A caller's string as it is, or cut to a preview when long (see options.preview)."""
-    return text if len(text) <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}… ({len(text)} chars)"
 
 
 def _encoded(images: dict[str, list[bytes]]) -> int:
@@ -141,9 +139,9 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                  max_images: int = DEFAULT_MAX_IMAGES, max_request_memory: int | None = None,
                  on_iterations: Callable[[int], None] | None = None):
         if not engines:
-            raise ValueError("engines: at least one loaded model is needed")
+            raise FieldError("engines", "at least one loaded model is needed")
         if max_images < 1:
-            raise ValueError(f"max_images: must be >= 1, got {max_images}")
+            raise FieldError("max_images", f"must be >= 1, got {max_images}", max_images)
         self.engines = list(engines)
         self.work = work
         self.max_iterations = min(max_iterations, MAX_ITERATIONS)
@@ -167,22 +165,12 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                     not weights or weights in (engine.weights, engine.weights_name)):
                 return engine
         loaded = ", ".join(f"{e.arch}/{e.weights_name}" for e in self.engines)
-        asked = f"{_shown(arch or '*')}/{_shown(weights or '*')}"
-        field = "weights" if weights else "arch"
-        raise ModelNotLoaded(f"{field}: model {asked} is not loaded on this server; "
-                             f"loaded: {loaded}")
+        asked = f"{preview(arch or '*', quoted=False)}/{preview(weights or '*', quoted=False)}"
+        field, value = ("weights", weights) if weights else ("arch", arch)
+        raise ModelNotLoaded(field, f"model {asked} is not loaded on this server; "
+                             f"loaded: {loaded}", value)
 
     # ------------------------------------------------------------------ checks
-
-    def _validate(self, request: Any, read_options: Callable[[Any], StyleOptions],
-                  optimises: bool = True) -> tuple[StyleTransfer, StyleOptions]:
-        engine = self.select(request.arch, request.weights)
-        options = read_options(request)
-        if optimises:
-            return engine, engine.validate(options, self.max_iterations)
-        # ComputeLosses runs no iterations, and its size is the candidate's (checked once its
-        # header is read): neither default may be held against the server's limits.
-        return engine, engine.validate(dataclasses.replace(options, size=16), MAX_ITERATIONS)
 
     def _count(self, images: dict[str, list[bytes]]) -> None:
         """Refuse more than ``max_images`` images (of the inputs declared to count, see
@@ -192,8 +180,9 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         total = sum(counts.values())
         if total > self.max_images:
             listed = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-            raise ValueError(f"content/style: the request has {total} images ({listed}), over "
-                             f"this server's limit of {self.max_images} images per request")
+            raise FieldError("content/style", f"the request has {total} images ({listed}), "
+                             f"over this server's limit of {self.max_images} images per "
+                             f"request", total)
 
     def _fits(self, estimate: memory.Estimate, options: StyleOptions, losses: bool) -> None:
         """Refuse a request whose estimated peak memory is over the per-request limit,
@@ -209,11 +198,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         elif largest == "targets" and options.style_scale > 1:
             field, advice = "style_scale", "lower style_scale or size"
         elif largest == "optimiser":
-            field, advice = "size", ("lower size, or use optimizer adam (L-BFGS keeps up to "
-                                     "100 copies of the image)")
+            field, advice = "size", (f"lower size, or use optimizer adam (L-BFGS keeps up "
+                                     f"to {2 * LBFGS_HISTORY} copies of the image)")
         else:
             field, advice = "size", "lower size or style_scale, or use fewer loss layers"
-        raise ValueError(f"{field}: the request needs {estimate.describe()}, over this "
+        raise FieldError(field, f"the request needs {estimate.describe()}, over this "
                          f"server's limit of {format_size(limit)} per request; {advice}")
 
     async def _headers_of(self, fn: Callable[[], Any]) -> Any:
@@ -238,7 +227,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     async def Stylize(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[pb.StylizeResponse]:
         try:
-            engine, options = self._validate(request, codec.stylize_options)
+            engine = self.select(request.arch, request.weights)
+            # The edge: read and validated once, then checked against the network once; the
+            # engine uses these options as they are.
+            options = engine.validate(codec.stylize_options(
+                request, engine.max_size, self.max_iterations), self.max_iterations)
             fmt = codec.output_format(request.output_format)
             images = codec.request_images(request)
             self._count(images)
@@ -251,7 +244,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
             estimate = await self._headers_of(plan)
             self._fits(estimate, options, losses=False)
-        except (ModelNotLoaded, ValueError) as exc:
+        except ValueError as exc:  # FieldError (ModelNotLoaded, ImageError ...) and the like
             await abort(context, exc)
 
         relay = _Relay(asyncio.get_running_loop())
@@ -289,16 +282,18 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     async def ComputeLosses(self, request: pb.ComputeLossesRequest,
                             context: grpc.aio.ServicerContext) -> pb.ComputeLossesResponse:
         try:
-            engine, options = self._validate(request, codec.losses_options, optimises=False)
+            engine = self.select(request.arch, request.weights)
             images = codec.request_images(request)
             self._count(images)
 
             def plan() -> tuple[memory.Estimate, StyleOptions]:
                 headers = self._probe("ComputeLosses", images, engine)
                 (candidate,) = headers.pop("candidate")
-                # As the engine does: the candidate's long side stands in for `size`.
-                checked = engine.validate(dataclasses.replace(
-                    options, size=max(16, candidate.width, candidate.height)), MAX_ITERATIONS)
+                # The edge, once the candidate's header is read: its long side stands in for
+                # `size` (ComputeLosses runs no iterations, so no iteration limit applies).
+                checked = engine.validate(codec.losses_options(
+                    request, max(16, candidate.width, candidate.height), engine.max_size),
+                    MAX_ITERATIONS)
                 return memory.estimate_losses(
                     engine.extractor, checked, candidate, headers.pop("content"),
                     headers.pop("style"), request.gradient, _encoded(images),
@@ -306,7 +301,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
             estimate, options = await self._headers_of(plan)
             self._fits(estimate, options, losses=True)
-        except (ModelNotLoaded, ValueError) as exc:
+        except ValueError as exc:  # FieldError (ModelNotLoaded, ImageError ...) and the like
             await abort(context, exc)
 
         stop = threading.Event()
@@ -353,8 +348,10 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     def limits(self) -> dict[str, int]:
         """The limits GetServerInfo reports (the fields of the Limits message)."""
         default = self.engines[0]
+        defaults = default_within(default.max_size, self.max_iterations)
         return {"max_pixels": default.max_pixels, "max_size": default.max_size,
                 "max_iterations": self.max_iterations,
+                "default_size": defaults["size"], "default_iterations": defaults["iterations"],
                 "max_message_bytes": self.max_message_bytes,
                 "workers": self.work.workers, "queue_size": self.work.queue_size,
                 "max_images": self.max_images,

@@ -13,23 +13,35 @@ requests and builds answers with it. Nothing else names a message field.
   builders take each input of their call as the keyword argument of its name, and
   :func:`request_images` / :func:`engine_images` read them back, so a new image input needs
   no code here either.
-- Errors are ``ValueError`` (or ``TypeError`` for an unknown keyword) whose message starts
-  with the option or request field name.
+- Errors are :class:`~gramstyle.errors.FieldError` (a ``ValueError``; ``TypeError`` for an
+  unknown keyword) carrying the option or request field name in ``.field``; the message
+  starts with it.
+- Reading a request is the service's edge: :func:`stylize_options` and
+  :func:`losses_options` return validated, frozen options, checked once against the
+  server's limits (the engine trusts them and checks only what needs its network).
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 from PIL import Image
 
+from gramstyle.errors import FieldError
 from gramstyle.images import FORMATS, ImageSource, encode_image, read_image_bytes
 from gramstyle.inputs import ImageInput, input_named, inputs_of
-from gramstyle.options import OptionSpec, StyleOptions, enum_choices, enum_prefix
+from gramstyle.options import (
+    MAX_ITERATIONS,
+    MAX_SIZE,
+    OptionSpec,
+    StyleOptions,
+    enum_choices,
+    enum_prefix,
+    split_list,
+)
 from gramstyle.results import (
     Losses,
     LossReport,
@@ -61,7 +73,7 @@ def enum_number(enum: Any, field: str, value: str | int) -> int:
     choices = enum_choices(enum)
     key = str(value).lower()
     if key not in choices:
-        raise ValueError(f"{field}: must be one of {', '.join(choices)}, got {value!r}")
+        raise FieldError(field, f"must be one of {', '.join(choices)}, got {value!r}", value)
     return enum.Value(enum_prefix(enum) + key.upper())
 
 
@@ -70,7 +82,7 @@ def enum_value(enum: Any, field: str, number: int, default: Any) -> Any:
     # proto3 enums are open: an unknown number arrives as a plain int.
     if number not in enum.values():
         known = ", ".join(enum.keys())
-        raise ValueError(f"{field}: unknown value {number}; use one of {known}")
+        raise FieldError(field, f"unknown value {number}; use one of {known}", number)
     name = enum.Name(number)
     if name.endswith("_UNSPECIFIED"):
         return default
@@ -83,7 +95,7 @@ def format_name(fmt: str, field: str = "output_format") -> str:
     for name in enum_choices(pb.ImageFormat):
         if FORMATS[name] == pillow:
             return name
-    raise ValueError(f"{field}: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    raise FieldError(field, f"must be one of {', '.join(FORMATS)}, got {fmt!r}", fmt)
 
 
 def output_format(number: int) -> str:
@@ -96,10 +108,10 @@ def output_format(number: int) -> str:
 def _int(name: str, value: Any) -> int:
     # A proto int field raises a bare TypeError/ValueError for 2.5 or 2**40; name the option.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
+        raise FieldError(name, f"must be an integer, got {value!r}", value)
     limit = 2**63 if name == "seed" else 2**31
     if not -limit <= value < limit:
-        raise ValueError(f"{name}: out of range, got {value}")
+        raise FieldError(name, f"out of range, got {value}", value)
     return value
 
 
@@ -115,8 +127,8 @@ def _as_list(sources: Sequence[ImageSource] | ImageSource | None) -> list[ImageS
 def _check_pairs(entry: ImageInput, given: int, counts: Mapping[str, int]) -> None:
     """A paired input (one image per image of another) has as many images as that one."""
     if entry.paired_with and given and given != counts[entry.paired_with]:
-        raise ValueError(f"{entry.name}: expected {counts[entry.paired_with]} image(s), one "
-                         f"per {entry.paired_with} image, got {given}")
+        raise FieldError(entry.name, f"expected {counts[entry.paired_with]} image(s), one "
+                         f"per {entry.paired_with} image, got {given}", given)
 
 
 def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str, Any]
@@ -135,8 +147,8 @@ def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str
         weights = values.get(weights_name) if weights_name else None
         if weights is not None and len(weights) != len(items):
             # The server would say the same; saying it here saves uploading the images.
-            raise ValueError(f"{weights_name}: expected {len(items)} value(s), one per image, "
-                             f"got {len(weights)}: {list(weights)}")
+            raise FieldError(weights_name, f"expected {len(items)} value(s), one per image, "
+                             f"got {len(weights)}: {list(weights)}", weights)
         data = [read_image_bytes(s, entry.error_field(i)) for i, s in enumerate(items)]
         field = getattr(message, entry.field)
         if entry.part is not None:  # WeightedImage messages
@@ -152,14 +164,14 @@ def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str
 def _layer_set(layers: Sequence[str] | Mapping[str, float] | str,
                weights: Sequence[float] | None, weights_name: str) -> pb.LayerSet:
     if isinstance(layers, str):
-        layers = [part.strip() for part in layers.split(",") if part.strip()]
+        layers = split_list(layers)
     if isinstance(layers, Mapping):
         weights, layers = list(layers.values()), list(layers.keys())
     names = [str(name) for name in layers]
     if weights is not None and len(weights) != len(names):
         # The wire format has one weight per layer, so the mismatch is reported here.
-        raise ValueError(f"{weights_name}: expected {len(names)} value(s), one per layer, "
-                         f"got {len(weights)}: {list(weights)}")
+        raise FieldError(weights_name, f"expected {len(names)} value(s), one per layer, "
+                         f"got {len(weights)}: {list(weights)}", weights)
     return pb.LayerSet(layers=[
         pb.WeightedLayer(name=name, weight=None if weights is None else float(weights[i]))
         for i, name in enumerate(names)])
@@ -259,29 +271,31 @@ def _has(message: Any, name: str) -> bool:
         return True
 
 
-def _decode_options(request: Any, names: Sequence[str]) -> StyleOptions:
-    options = StyleOptions()
+def _given_options(request: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The options a request gives, by name; an option it leaves unset is absent."""
+    given: dict[str, Any] = {}
     for name in names:
         spec = _SPECS[name]
         if spec.kind == "blend_weights":
             images = getattr(request, spec.of)
-            if any(image.HasField("weight") for image in images):  # else None: equal
-                setattr(options, name, tuple(image.weight if image.HasField("weight") else 1.0
-                                             for image in images))
+            if any(image.HasField("weight") for image in images):  # else absent: equal
+                given[name] = tuple(image.weight if image.HasField("weight") else 1.0
+                                    for image in images)
         elif spec.kind == "layers":
             if request.HasField(name):  # absent: the default layers
                 layers = getattr(request, name).layers
-                setattr(options, name, tuple(layer.name for layer in layers))
+                given[name] = tuple(layer.name for layer in layers)
                 if any(layer.HasField("weight") for layer in layers):
                     weights_name = next(n for n, s in _SPECS.items() if s.of == name)
-                    setattr(options, weights_name, tuple(
-                        layer.weight if layer.HasField("weight") else 1.0 for layer in layers))
+                    given[weights_name] = tuple(
+                        layer.weight if layer.HasField("weight") else 1.0 for layer in layers)
         elif spec.kind == "choice":
-            setattr(options, name, enum_value(spec.enum, name, getattr(request, name),
-                                              _DEFAULTS[name]))
+            value = enum_value(spec.enum, name, getattr(request, name), None)
+            if value is not None:  # UNSPECIFIED: the default
+                given[name] = value
         elif spec.kind != "layer_weights" and _has(request, name):
-            setattr(options, name, getattr(request, name))
-    return options
+            given[name] = getattr(request, name)
+    return given
 
 
 def request_images(request: Any) -> dict[str, list[bytes]]:
@@ -307,9 +321,10 @@ def engine_images(request: Any) -> dict[str, list[bytes] | bytes | None]:
             for name, data in request_images(request).items()}
 
 
-def _check_images(request: Any, options: StyleOptions) -> None:
+def _check_images(request: Any, given: Mapping[str, Any]) -> None:
     """The checks of the image inputs that need no decoding: paired inputs have one image
-    per image of their pair, and an input tied to an option value is given only with it."""
+    per image of their pair, and an input tied to an option value (``given``: the options the
+    request sets) is given only with it."""
     images = request_images(request)
     counts = {name: len(data) for name, data in images.items()}
     for name, data in images.items():
@@ -317,27 +332,35 @@ def _check_images(request: Any, options: StyleOptions) -> None:
         _check_pairs(entry, len(data), counts)
         if entry.only_with and data:
             option, value = entry.only_with
-            if getattr(options, option) not in (None, value):
+            if given.get(option) not in (None, value):
                 enum = _SPECS[option].enum
-                raise ValueError(
-                    f"{name}: given, but {option} is {enum.Name(getattr(request, option))}; "
+                raise FieldError(
+                    name, f"given, but {option} is {enum.Name(getattr(request, option))}; "
                     f"set {option} to {enum_prefix(enum)}{value.upper()} or leave it "
                     "unspecified")
 
 
-def stylize_options(request: pb.StylizeRequest) -> StyleOptions:
-    """The options a StylizeRequest asks for (not yet validated)."""
-    options = _decode_options(request, STYLIZE_OPTIONS)
-    _check_images(request, options)
+def stylize_options(request: pb.StylizeRequest, max_size: int = MAX_SIZE,
+                    max_iterations: int = MAX_ITERATIONS) -> StyleOptions:
+    """The validated options a StylizeRequest asks for, within these limits; an unset
+    ``size`` or ``iterations`` takes the most the limits allow up to its default
+    (:meth:`StyleOptions.from_given`)."""
+    given = _given_options(request, STYLIZE_OPTIONS)
+    _check_images(request, given)
     output_format(request.output_format)  # reject an unknown format before any work
-    return options
+    return StyleOptions.from_given(given, max_size, max_iterations)
 
 
-def losses_options(request: pb.ComputeLossesRequest) -> StyleOptions:
-    """The options a ComputeLossesRequest asks for (not yet validated)."""
-    options = _decode_options(request, LOSS_OPTIONS)
-    _check_images(request, options)
-    return options
+def losses_options(request: pb.ComputeLossesRequest, size: int | None = None,
+                   max_size: int = MAX_SIZE) -> StyleOptions:
+    """The validated options a ComputeLossesRequest asks for; ``size``: the candidate's long
+    side in px (at least 16), which stands in for the output size (the style images are
+    scaled from it); None: the default size (the server always knows the candidate's)."""
+    given = _given_options(request, LOSS_OPTIONS)
+    _check_images(request, given)
+    if size is not None:
+        given["size"] = size
+    return StyleOptions.from_given(given, max_size, MAX_ITERATIONS)
 
 
 # ---------------------------------------------------------------------------- results
@@ -459,21 +482,9 @@ def server_info_from(message: pb.GetServerInfoResponse) -> ServerInfo:
                                         layer_names=list(m.layer_names)) for m in message.models])
 
 
-# ---------------------------------------------------------------------------- errors
-
-_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:/[a-z_]+)?):\s")
-
-
-def error_field(message: str) -> str | None:
-    """The field an error message names ("style_layers: unknown layer ..." -> style_layers;
-    "content[1]: ..." -> content[1]), or None."""
-    match = _FIELD.match(message)
-    return match.group(1) if match else None
-
-
 __all__ = [
     "LOSS_OPTIONS", "STYLIZE_OPTIONS", "engine_images", "enum_number", "enum_value",
-    "error_field", "format_name", "image_message", "loss_report_from", "loss_report_message",
+    "format_name", "image_message", "loss_report_from", "loss_report_message",
     "losses_from", "losses_message", "losses_options", "losses_request", "option_values",
     "output_format", "progress_from", "progress_message", "request_images", "result_from",
     "result_message",

@@ -25,6 +25,8 @@ from struct import error as struct_error
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gramstyle.errors import ImageError  # re-exported here
+
 #: Default limit on width*height of any decoded image (a 4096x4096 image).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -49,14 +51,6 @@ _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N
                "I": 4, "F": 4}
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
-
-
-class ImageError(ValueError):
-    """A bad image input. ``field`` names the option or request field it came from."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def _check_size(width: int, height: int, field: str, max_pixels: int | None) -> None:

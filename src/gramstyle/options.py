@@ -4,8 +4,10 @@ Every field of :class:`StyleOptions` carries an :class:`OptionSpec` in its datac
 metadata: its kind, bounds, help text, CLI flag and which calls take it. Everything else is
 derived from that declaration:
 
-- validation (:meth:`StyleOptions.validated`), with errors that start with the option name
-  and show the bad value, e.g. ``"iterations: must be between 1 and 10000, got 0"``;
+- validation, once (:meth:`StyleOptions.validated`: a frozen, checked copy), with
+  :class:`~gramstyle.errors.FieldError` errors whose ``.field`` is the option and whose
+  message starts with it and shows the bad value, e.g. ``"iterations: must be between 1 and
+  10000, got 0"``; every float option is bounded within float32's range;
 - the proto conversion (:mod:`gramstyle.codec`: an option travels in the request field of the
   same name);
 - the CLI flags (:mod:`gramstyle.cli.flags`);
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import Any
 
+from gramstyle.errors import FieldError
 from gramstyle.v1 import gramstyle_pb2 as pb
 
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
@@ -124,60 +127,96 @@ def option(default: Any, kind: str, help: str, **spec: Any) -> Any:
 PREVIEW_CHARS = 80
 
 
-def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters plus "… (N chars)" when longer.
+def preview(value: Any, limit: int = PREVIEW_CHARS, quoted: bool = True) -> str:
+    """``repr(value)`` (``str(value)`` when not ``quoted``) cut to ``limit`` characters plus
+    "… (N chars)" when longer.
 
     Every error message that echoes a caller's value goes through this, so a 17,000-character
     layer name cannot blow a status message past gRPC's metadata limit.
     """
-    text = repr(value)
+    text = repr(value) if quoted else str(value)
     if len(text) <= limit:
         return text
     length = len(value) if isinstance(value, str) else len(text)
     return f"{text[:limit]}… ({length} chars)"
 
 
-def check_weight(name: str, value: Any) -> float:
-    """A loss or blend weight: finite and >= 0."""
+#: The float32 range: the engine computes in float32, so every float option is bounded by
+#: the largest finite float32 (or less), and a magnitude below the smallest normal float32
+#: counts as 0 (it would be subnormal or 0 on the device: a "learning rate" of 1e-320 is 0).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+#: The largest learning rate: Adam's first step is 10 times its rate (the bias correction),
+#: so float32's largest would overflow there; and no step a million times the pixel range
+#: [0, 1] is meaningful.
+MAX_LEARNING_RATE = 1e6
+
+
+def check_float(name: str, value: Any, low: float = 0.0, high: float = FLOAT32_MAX,
+                low_exclusive: bool = False) -> float:
+    """A float option or weight: a finite number in [low, high] (``low`` excluded when
+    ``low_exclusive``); -0.0 and magnitudes below :data:`FLOAT32_TINY` become 0.0 first.
+    Raises FieldError naming ``name`` and the value as given."""
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {preview(value)}") from None
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
-    return value
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise FieldError(name, f"must be a number, got {preview(value)}", value) from None
+    relation = f"> {low:g}" if low_exclusive else f">= {low:g}"
+    if math.isnan(number) or math.isinf(number):
+        raise FieldError(name, f"must be a finite number {relation}, got {number}", value)
+    if number < low or (low_exclusive and number == low):
+        what = "" if low_exclusive else "a finite number "  # the messages as they always were
+        raise FieldError(name, f"must be {what}{relation}, got {number}", value)
+    if number > high:
+        limit = f"{high:g}" + (" (the largest float32)" if high == FLOAT32_MAX else "")
+        raise FieldError(name, f"must be at most {limit}, got {number}", value)
+    if abs(number) < FLOAT32_TINY:
+        if low_exclusive and low == 0:
+            raise FieldError(name, f"must be at least {FLOAT32_TINY:g} (the smallest normal "
+                             f"float32), got {number}", value)
+        number = 0.0  # also turns -0.0 into 0.0
+    return number
+
+
+def check_weight(name: str, value: Any) -> float:
+    """A loss, layer or blend weight: finite, in [0, FLOAT32_MAX]."""
+    return check_float(name, value)
 
 
 def check_weights(name: str, values: Sequence[float] | None, count: int) -> tuple[float, ...]:
-    """Per-item weights: ``count`` of them, each finite and >= 0, not all zero.
-
-    ``None`` means equal weights of 1.
-    """
+    """Per-item weights whose values are already checked (:meth:`StyleOptions.validated`):
+    ``count`` of them, not all zero. ``None`` means equal weights of 1."""
     if values is None:
         return (1.0,) * count
     values = tuple(values)
     if len(values) != count:
-        raise ValueError(f"{name}: expected {count} value(s), one per item, got {len(values)}: "
-                         f"{preview(list(values))}")
-    checked = tuple(check_weight(f"{name}[{i}]", v) for i, v in enumerate(values))
-    if count and sum(checked) == 0:
-        raise ValueError(f"{name}: at least one weight must be > 0, got "
-                         f"{preview(list(checked))}")
-    return checked
+        raise FieldError(name, f"expected {count} value(s), one per item, got {len(values)}: "
+                         f"{preview(list(values))}", values)
+    if count and sum(values) == 0:
+        raise FieldError(name, f"at least one weight must be > 0, got {preview(list(values))}",
+                         values)
+    return values
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list: its stripped, non-empty parts. The one place a list option
+    given as text (a CLI flag, a keyword argument) is split."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def layer_names(name: str, value: str | Sequence[str | int]) -> tuple[str, ...]:
     """Layer names as a tuple; a string is taken as a comma-separated list."""
     if isinstance(value, str):
-        return tuple(part.strip() for part in value.split(",") if part.strip())
+        return split_list(value)
     if value is None or not isinstance(value, Sequence):
-        raise ValueError(f"{name}: expected a list of layer names, got {preview(value)}")
+        raise FieldError(name, f"expected a list of layer names, got {preview(value)}", value)
     return tuple(str(v).strip() for v in value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {preview(value)}")
+        raise FieldError(name, f"must be one of {', '.join(choices)}, got {preview(value)}",
+                         value)
     return value
 
 
@@ -207,28 +246,35 @@ def check_value(name: str, spec: OptionSpec, value: Any, limits: dict[str, float
         if not _is_int(value) or (spec.low is not None and value < spec.low) or (
                 high is not None and value > high):
             if high is None:
-                raise ValueError(f"{name}: must be an integer >= {spec.low:g}, got "
-                                 f"{preview(value)}")
+                raise FieldError(name, f"must be an integer >= {spec.low:g}, got "
+                                 f"{preview(value)}", value)
             text = spec.range_error or "must be an integer between {low} and {high}{unit}, " \
                                        "got {value}"
             unit = f" {spec.unit}" if spec.unit else ""
-            raise ValueError(f"{name}: " + text.format(low=f"{spec.low:g}", high=f"{high:g}",
-                                                       unit=unit, value=value))
+            raise FieldError(name, text.format(low=f"{spec.low:g}", high=f"{high:g}",
+                                               unit=unit, value=value), value)
         return value
     if spec.kind == "float":
-        value = check_weight(name, value) if spec.low == 0 else float(value)
-        if spec.low_exclusive and value <= spec.low:
-            raise ValueError(f"{name}: must be > {spec.low:g}, got {value}")
-        return value
+        return check_float(name, value, spec.low or 0.0,
+                           FLOAT32_MAX if high is None else min(high, FLOAT32_MAX),
+                           spec.low_exclusive)
     if spec.kind == "bool":
         if not isinstance(value, bool):
-            raise ValueError(f"{name}: must be true or false, got {preview(value)}")
+            raise FieldError(name, f"must be true or false, got {preview(value)}", value)
         return value
     if spec.kind == "choice":
         return check_choice(name, value, spec.choices)
     if spec.kind == "layers":
         return layer_names(name, value)
-    return value  # weights: checked against their count in validated() / by the engine
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = split_list(value)
+    if not isinstance(value, Sequence):
+        raise FieldError(name, f"expected a list of numbers, got {preview(value)}", value)
+    # Each weight's value here; their count against the layers in validated(), against the
+    # images (blend weights) where the images are.
+    return tuple(check_weight(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
 @dataclass
@@ -262,12 +308,13 @@ class StyleOptions:
         scope="losses", of="style", optional=True, flag="--style-weights", metavar="W1,W2")
     content_weight: float = option(
         1.0, "float", "alpha, the content loss weight; 0 = texture synthesis", scope="losses",
-        low=0)
+        low=0, high=FLOAT32_MAX)
     style_weight: float = option(
         5.0, "float", "beta, the style loss weight; 0 = feature inversion", scope="losses",
-        low=0)
+        low=0, high=FLOAT32_MAX)
     tv_weight: float = option(
-        0.0, "float", "total-variation (smoothness) loss weight", scope="losses", low=0)
+        0.0, "float", "total-variation (smoothness) loss weight", scope="losses", low=0,
+        high=FLOAT32_MAX)
     init: str | None = option(
         None, "choice", "start image: content, seeded noise, style, or image (the init "
         "image). Default: image when an init image is given, else content when there is a "
@@ -281,10 +328,10 @@ class StyleOptions:
         DEFAULT_TOLERANCE, "float", "stop a scale early when the best total loss so far improved "
         f"by less than this fraction over the last {CONVERGENCE_WINDOW} iterations (checked "
         f"every {CONVERGENCE_CHECK_EVERY}); 0 = always run all iterations, which stay the cap",
-        low=0, metavar="REL")
+        low=0, high=1, metavar="REL")
     learning_rate: float | None = option(
         None, "float", "step size (default: 1.0 for lbfgs, 0.02 for adam, in [0,1] pixels)",
-        low=0, low_exclusive=True, optional=True, flag="--lr")
+        low=0, low_exclusive=True, high=MAX_LEARNING_RATE, optional=True, flag="--lr")
     seed: int = option(0, "int", "seed of the noise start image (64-bit); same seed and inputs "
                        "give the same output on one machine", low=-(2**63),
                        high=2**63 - 1, range_error="must be a 64-bit integer, got {value}")
@@ -293,7 +340,7 @@ class StyleOptions:
                        unit="pixels")
     style_scale: float = option(
         1.0, "float", "style images are resized to long side size * style_scale",
-        scope="losses", low=0)
+        scope="losses", low=0, high=FLOAT32_MAX)
     scales: int = option(
         1, "int", "coarse-to-fine: optimise at this many sizes growing by sqrt(2) up to size, "
         "each for `iterations` steps from the previous result", low=1, high=MAX_SCALES)
@@ -316,29 +363,103 @@ class StyleOptions:
             if scope is None or spec.scope == scope or scope == "stylize":
                 yield f.name, spec, f.default
 
+    # ------------------------------------------------------------------ validation
+    #
+    # The one place options are checked. validated() returns a frozen, checked copy that
+    # remembers the limits it was checked against; a checked copy asked again within the
+    # same (or looser) limits is returned as it is, so no layer checks twice. Assigning to a
+    # field of a frozen copy raises dataclasses.FrozenInstanceError; dataclasses.replace()
+    # makes an unchecked, mutable copy.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_checked") is not None:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}: validated options are "
+                                      "frozen; use dataclasses.replace()")
+        object.__setattr__(self, name, value)
+
+    @property
+    def checked_limits(self) -> tuple[int, int] | None:
+        """(max_size, max_iterations) these options were validated against, or None."""
+        return self.__dict__.get("_checked")
+
+    @property
+    def network(self) -> Any:
+        """The key of the engine that checked these options against its network (layer
+        names made canonical, precision resolved), or None."""
+        return self.__dict__.get("_network")
+
     def validated(self, max_size: int = MAX_SIZE, max_iterations: int = MAX_ITERATIONS
                   ) -> StyleOptions:
-        """Check every field; return self. Raises ValueError naming the field and value."""
+        """A frozen, checked copy (``self`` when already checked within these limits).
+
+        Raises FieldError (a ValueError) naming the field and the value.
+        """
+        checked = self.checked_limits
+        if checked is not None and checked[0] <= max_size and checked[1] <= max_iterations:
+            return self
         limits = {"max_size": max_size, "max_iterations": max_iterations}
+        values = {name: check_value(name, spec, getattr(self, name), limits)
+                  for name, spec, _ in self.specs()}
+        if not values["content_layers"] and not values["style_layers"]:
+            raise FieldError("content_layers/style_layers", "at least one layer is needed")
         for name, spec, _ in self.specs():
-            setattr(self, name, check_value(name, spec, getattr(self, name), limits))
-        if not self.content_layers and not self.style_layers:
-            raise ValueError("content_layers/style_layers: at least one layer is needed")
-        for name, spec, _ in self.specs():
-            if spec.kind == "layer_weights":
-                layers = getattr(self, spec.of)
-                setattr(self, name, check_weights(name, getattr(self, name), len(layers))
-                        if layers else ())
-        if self.style_scale == 0 or self.size * self.style_scale > max_size:
-            raise ValueError(f"style_scale: must be > 0 and keep size*style_scale <= {max_size}, "
-                             f"got {self.style_scale}")
-        if self.scales > 1 and scale_sizes(self.size, self.scales)[0] < MIN_SCALE_SIZE:
-            raise ValueError(f"scales: {self.scales} scales from size {self.size} would start "
-                             f"below {MIN_SCALE_SIZE} px; use fewer scales or a larger size")
-        if self.iterations * self.scales > max_iterations:
-            raise ValueError(f"iterations: iterations*scales must be at most {max_iterations}, "
-                             f"got {self.iterations}*{self.scales}")
-        return self
+            if spec.kind == "layer_weights" and values[name] is not None:  # None: equal
+                layers = values[spec.of]
+                values[name] = check_weights(name, values[name], len(layers)) if layers else ()
+        size, style_scale, scales = values["size"], values["style_scale"], values["scales"]
+        if style_scale == 0 or size * style_scale > max_size:
+            raise FieldError("style_scale", f"must be > 0 and keep size*style_scale <= "
+                             f"{max_size}, got {style_scale}", style_scale)
+        if scales > 1 and scale_sizes(size, scales)[0] < MIN_SCALE_SIZE:
+            raise FieldError("scales", f"{scales} scales from size {size} would start below "
+                             f"{MIN_SCALE_SIZE} px; use fewer scales or a larger size", scales)
+        if values["iterations"] * scales > max_iterations:
+            raise FieldError("iterations", f"iterations*scales must be at most "
+                             f"{max_iterations}, got {values['iterations']}*{scales}",
+                             values["iterations"])
+        return self._frozen(values, (max_size, max_iterations), None)
+
+    def resolved(self, network: Any, **changes: Any) -> StyleOptions:
+        """A frozen copy of validated options with ``changes``, marked as checked against
+        ``network`` (an engine's key, or None). The changes are taken as they are: values
+        the caller has checked (the engine: canonical layer names, the precision resolved)
+        or that are valid by construction (the CLI: a progress interval of 1)."""
+        if self.checked_limits is None:
+            raise TypeError("resolved() needs validated options")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return self._frozen({**values, **changes}, self.checked_limits, network)
+
+    @classmethod
+    def _frozen(cls, values: dict[str, Any], limits: tuple[int, int], network: Any
+                ) -> StyleOptions:
+        options = cls(**values)
+        options.__dict__["_checked"] = limits
+        options.__dict__["_network"] = network
+        return options
+
+    @classmethod
+    def from_given(cls, given: dict[str, Any], max_size: int = MAX_SIZE,
+                   max_iterations: int = MAX_ITERATIONS) -> StyleOptions:
+        """Validated options from the options a caller gave (the others absent).
+
+        An absent option takes its default; where that default is over a server limit (a
+        server whose ``max_iterations`` or ``max_size`` is below 300 or 512), it takes the
+        most the limit allows instead (:func:`default_within`).
+        """
+        scales = given.get("scales", cls.scales)
+        defaults = default_within(max_size, max_iterations,
+                                  scales if _is_int(scales) and scales >= 1 else 1)
+        return cls(**{**{k: v for k, v in defaults.items() if k not in given}, **given}
+                   ).validated(max_size, max_iterations)
+
+
+def default_within(max_size: int = MAX_SIZE, max_iterations: int = MAX_ITERATIONS,
+                   scales: int = 1) -> dict[str, int]:
+    """The defaults of the limited options on a server with these limits: ``size`` is
+    min(512, max_size), ``iterations`` min(300, max_iterations // scales) (at least 1)."""
+    defaults = {name: default for name, _, default in StyleOptions.specs()}
+    return {"size": min(defaults["size"], max_size),
+            "iterations": max(1, min(defaults["iterations"], max_iterations // scales))}
 
 
 def flag_of(name: str, spec: OptionSpec) -> str:
@@ -366,9 +487,10 @@ def markdown_table() -> str:
 __all__ = [
     "ARCHS", "CONVERGENCE_CHECK_EVERY", "CONVERGENCE_WINDOW", "DEFAULT_ARCH",
     "DEFAULT_CONTENT_LAYERS", "DEFAULT_DEVICE", "DEFAULT_POOLING", "DEFAULT_TARGET_CACHE_MB",
-    "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEFAULT_WEIGHTS", "DEVICES", "MAX_ITERATIONS",
-    "MODEL_DEFAULTS",
-    "MAX_SCALES", "MAX_SIZE", "MIN_SCALE_SIZE", "POOLINGS", "OptionSpec", "StyleOptions",
-    "check_choice", "check_weight", "check_weights", "enum_choices", "flag_of",
-    "layer_names", "markdown_table", "preview", "scale_sizes",
+    "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEFAULT_WEIGHTS", "DEVICES", "FLOAT32_MAX",
+    "FLOAT32_TINY", "MAX_ITERATIONS", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE",
+    "MIN_SCALE_SIZE", "MODEL_DEFAULTS", "POOLINGS", "OptionSpec", "StyleOptions",
+    "check_choice", "check_float", "check_weight", "check_weights", "default_within",
+    "enum_choices", "flag_of", "layer_names", "markdown_table", "preview", "scale_sizes",
+    "split_list",
 ]

@@ -155,7 +155,8 @@ class ServerInfo:
     Limits message) to its value: max_pixels (per input image, from the header), max_size
     (output long side, pixels), max_iterations, max_message_bytes, workers, queue_size
     (requests that may wait), max_images (per request), max_request_memory_bytes and
-    memory_budget_bytes (0: no limit)."""
+    memory_budget_bytes (0: no limit), default_size and default_iterations (what an unset
+    size / iterations gets there; 0 from a server that does not report them)."""
 
     version: str
     models: list[ModelInfo]

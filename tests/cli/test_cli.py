@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from gramstyle.cli import flag_message, main
+from gramstyle.errors import FieldError
 
 SMALL = ["--size", "64", "--iterations", "3", "--arch", "vgg19", "--weights", "random",
          "--device", "cpu", "--quiet"]
@@ -100,10 +101,14 @@ def test_argparse_level_errors_exit_2(tmp_path, images, capsys, args, message):
 
 
 def test_flag_message_translation():
-    assert flag_message("content[1]: file not found") == "--content #2: file not found"
-    assert flag_message("style_blend_weights: bad") == "--style-weights: bad"
-    assert flag_message("learning_rate: diverged") == "--lr: diverged"
-    assert flag_message("no field here") == "no field here"
+    # The field comes from the error's .field, never from its message.
+    assert flag_message(FieldError("content[1]", "file not found")) == \
+        "--content #2: file not found"
+    assert flag_message(FieldError("style_blend_weights", "bad")) == "--style-weights: bad"
+    assert flag_message(FieldError("learning_rate", "diverged")) == "--lr: diverged"
+    assert flag_message(ValueError("no field here")) == "no field here"
+    assert flag_message(ValueError("content_weight: not a FieldError")) == \
+        "content_weight: not a FieldError"
 
 
 def test_info(capsys):

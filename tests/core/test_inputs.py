@@ -191,7 +191,7 @@ def test_cli_file_checks_name_the_flag(tmp_path, with_mask):
                                          "--style-mask", str(bad)])
     with pytest.raises(ImageError) as info:
         check_image_files(args, "stylize")
-    assert flag_message(str(info.value)).startswith("--style-mask #2: cannot decode image")
+    assert flag_message(info.value).startswith("--style-mask #2: cannot decode image")
     # The candidate is checked first, before the other files.
     args = parser("losses").parse_args([str(bad), "--content", str(bad)])
     with pytest.raises(ImageError, match=r"^candidate: cannot decode image"):

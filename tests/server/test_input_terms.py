@@ -8,6 +8,7 @@ import dataclasses
 
 import grpc
 import pytest
+from conftest import build_server
 from PIL import Image
 
 from gramstyle import codec, inputs
@@ -16,7 +17,6 @@ from gramstyle.inputs import INPUTS, ImageInput
 from gramstyle.options import StyleOptions
 from gramstyle.server import memory
 from gramstyle.server.admission import WorkQueue
-from gramstyle.server.serve import GramstyleServer
 from gramstyle.server.service import StyleTransferService
 from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
@@ -154,8 +154,7 @@ def test_estimate_grows_by_each_inputs_declared_terms(random_engine, extra_input
 
 @pytest.fixture(scope="module")
 def stub(random_engine):
-    server = GramstyleServer([random_engine], host="127.0.0.1", port=0, workers=1,
-                             queue_size=1, max_images=2).start()
+    server = build_server([random_engine], workers=1, queue_size=1, max_images=2).start()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.StyleTransferServiceStub(channel)
     server.stop(grace=None)
