@@ -106,8 +106,11 @@ def gram(features: torch.Tensor, scale: float, weights: torch.Tensor | None = No
     [B,N]; all ones when None); [B,C,C] in the features' dtype."""
     f = check_features(features, "gramstyle.gram")
     if weights is not None:
-        # The fused op's semantics: the Gram of F diag(w), w in the features' dtype.
-        f = f * check_weights(weights, features, "gramstyle.gram").to(f.dtype)
+        # The fused op's semantics: the Gram of F diag(w), the products computed in float32
+        # (float64 for float64) and rounded once to the features' dtype.
+        w = check_weights(weights, features, "gramstyle.gram")
+        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        f = (f.to(acc) * w.to(acc)).to(f.dtype)
     return torch.einsum("bcn,bdn->bcd", f, f) * scale
 
 

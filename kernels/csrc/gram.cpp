@@ -110,13 +110,19 @@ at::Tensor prepare_weights(const std::optional<at::Tensor>& weights, const Featu
                     " but features are on ", f.f3.device(), "; both must be on the same device");
   TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op,
                    ": weights must be a floating tensor, got ", w.scalar_type());
-  return w.reshape({-1, 1, f.N}).to(f.f3.scalar_type());
+  // In the accumulation type: bf16/fp16 features times float32 weights are rounded once,
+  // per product. Weights rounded to bf16 first would scale all of G by the same rounding
+  // error when they are (nearly) constant, e.g. a normalised all-ones mask.
+  return w.reshape({-1, 1, f.N}).to(acc_type(f.f3.scalar_type()));
 }
 
 Features scale_positions(const Features& f, const at::Tensor& w3) {
   Features out = f;
-  // One O(B*C*N) pass; the product keeps F's layout (row- or column-major items).
-  out.f3 = blas_ready(at::mul(f.f3, w3));
+  // One O(B*C*N) pass, computed in the accumulation type and written in F's dtype and
+  // layout (empty_like keeps a column-major, channels_last item column-major).
+  at::Tensor fw = at::empty_like(f.f3);
+  at::mul_out(fw, f.f3, w3);
+  out.f3 = blas_ready(fw);
   return out;
 }
 
@@ -124,7 +130,7 @@ void scale_gradient(at::Tensor& grad, const at::Tensor& w3) {
   // w3 is [Bw,1,N]; viewed with the features' spatial shape it broadcasts over grad.
   std::vector<int64_t> shape{w3.size(0), 1};
   for (int64_t d = 2; d < grad.dim(); ++d) shape.push_back(grad.size(d));
-  grad.mul_(w3.square().reshape(shape));
+  grad.mul_(w3.square().reshape(shape));  // in the accumulation type, one rounding
 }
 
 at::Tensor prepare_target(const at::Tensor& target, const Features& f, const char* op) {

@@ -36,7 +36,7 @@ Features prepare_features(const at::Tensor& features, const char* op);
 
 // Validates optional per-position weights against the features (rank, N, batch, device,
 // dtype) and returns them shaped to broadcast over the [B,C,N] view, [Bw,1,N] (Bw in {1, B}),
-// in the features' dtype; an undefined tensor when there are none.
+// in the accumulation type (acc_type); an undefined tensor when there are none.
 at::Tensor prepare_weights(const std::optional<at::Tensor>& weights, const Features& f,
                            const char* op);
 
