@@ -139,24 +139,28 @@ def test_source_mask_takes_the_statistics_from_its_part(random_engine, images) -
 
 
 @pytest.mark.slow
-def test_two_styles_on_two_halves(random_engine, content, images) -> None:
+def test_two_styles_on_two_halves(random_engine, images) -> None:
     """Two styles with complementary masks: after a short run, at every style layer, each
     half's guided Gram is closer to its own style than to the other, and closer than at the
-    start (the content image)."""
-    left, right = halves()
+    start (the content image). 96x64 px: at relu5_1 each half is then 3x4 positions (at
+    64x32 only 2x2, whose receptive fields all span both halves)."""
+    width, height = 96, 64
+    content = Image.open(images["cat"]).convert("RGB").resize((width, height))
+    left, right = halves(width, height)
     a, b = images["starry"], images["scream"]
-    out = random_engine.stylize([content], [a, b], options(iterations=8),
-                                style_masks=[left, right]).image
+    opts = StyleOptions(size=width, iterations=15, precision="fp32")
+    out = random_engine.stylize([content], [a, b], opts, style_masks=[left, right]).image
 
     def distances(image):
-        return {(half, style): style_layer_losses(random_engine, image, content, s, mask=m)
+        return {(half, style): random_engine.compute_losses(
+                    image, [content], [s], opts, style_masks=[m]).losses.style_layers
                 for half, m in (("left", left), ("right", right))
                 for style, s in (("a", a), ("b", b))}
 
     start, end = distances(content), distances(out)
     for layer in end["left", "a"]:
         for half, own, other in (("left", "a", "b"), ("right", "b", "a")):
-            assert end[half, own][layer] < 0.6 * end[half, other][layer], (layer, half)
+            assert end[half, own][layer] < 0.7 * end[half, other][layer], (layer, half)
             assert end[half, own][layer] < start[half, own][layer], (layer, half)
 
 
