@@ -13,7 +13,9 @@ entry point), :mod:`~gramstyle.engine.objective` (the loss as data: targets and 
 and :mod:`~gramstyle.engine.lbfgs` (the optimisation loop), :mod:`~gramstyle.engine.extractor`
 (the VGG feature network), :mod:`~gramstyle.engine.bands` (layers run in horizontal bands),
 :mod:`~gramstyle.engine.stop` (cancellation checks), :mod:`~gramstyle.engine.tensors`
-(PIL <-> tensor), :mod:`~gramstyle.engine.colour` (colour preservation),
+(PIL <-> tensor), :mod:`~gramstyle.engine.colour` (colour preservation, luminance-only
+transfer, colour matching), :mod:`~gramstyle.engine.masks` (style region and source masks
+brought to each layer: guided Gram matrices),
 :mod:`~gramstyle.engine.precision` (fp32/bf16 choice), :mod:`~gramstyle.engine.target_cache`
 (the byte-bounded LRU of style/content targets).
 

@@ -14,6 +14,17 @@ with F_l(y) the [C_l, N_l] feature map (N_l = H_l * W_l) and x in [0, 1] RGB.
 A blend of targets is evaluated with one kernel call per layer against a weighted mean
 target plus a constant (see :class:`BlendedTarget`), so several styles cost no more than one.
 
+Regions (guided Gram matrices, :mod:`gramstyle.engine.masks`): a style j with a region mask
+r_j and/or a source mask q_j is compared through Grams weighted per position by the mask
+brought to the layer's resolution (r_j,l on the output, q_j,l on the style image):
+
+    G_l(y; m) = F_l(y) diag(m^2) F_l(y)^T / (C_l * sum_k m_k^2)
+    A_l,j     = G_l(s_j; q_j,l)
+    style(x)  = sum_l w_l * sum_j b_j * ||G_l(x; r_j,l) - A_l,j||^2 / ||A_l,j||^2
+
+(a missing mask is all ones, which gives G_l above). Styles without a region mask share
+G_l(x) and stay one blend, so without region masks this is exactly the formula above.
+
 Each loss is a small callable on one layer's features; :class:`LayerSum` combines one per
 layer, and :class:`gramstyle.engine.objective.Objective` weighs content, style and tv.
 """
@@ -80,10 +91,13 @@ class ContentLoss:
         return self.target.loss((features.float() - self.target.mean).pow(2).mean())
 
 
-def gram_target(features: torch.Tensor) -> torch.Tensor:
+def gram_target(features: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 [C, C] Gram matrix of one style image's [1, C, H, W] features: what
-    :class:`StyleLoss` compares against (and what the target cache keeps)."""
-    return kernels.gram(features.float()).squeeze(0)
+    :class:`StyleLoss` compares against (and what the target cache keeps). With ``weights``
+    ([1, N], a source mask at this layer) the guided Gram F diag(w^2) F^T / (C sum w^2)."""
+    if weights is None:
+        return kernels.gram(features.float()).squeeze(0)
+    return kernels.gram(features.float(), weights=weights).squeeze(0)
 
 
 class StyleLoss:
@@ -93,16 +107,42 @@ class StyleLoss:
     fused C++/CUDA op runs when it is compiled. ``grams`` are the targets: the
     :func:`gram_target` ([C, C]) of the layer's features of each style image (the images'
     sizes may differ; the target cache keeps these Grams); ``blend_weights``: one per image,
-    normalised here.
+    normalised here. ``weights`` ([1, N], a region mask at this layer) makes the output's
+    Gram the guided one.
     """
 
-    def __init__(self, grams: Sequence[torch.Tensor], blend_weights: Sequence[float]):
+    def __init__(self, grams: Sequence[torch.Tensor], blend_weights: Sequence[float],
+                 weights: torch.Tensor | None = None):
         self.target = BlendedTarget.blend(grams, blend_weights)
+        self.weights = weights
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """The unweighted relative loss of ``features`` ([1, C, H, W]), 0-dim float32."""
         # The float32 target stays float32 under bf16 autocast (the op accepts it).
-        return self.target.loss(kernels.style_loss(features, self.target.mean))
+        if self.weights is None:
+            return self.target.loss(kernels.style_loss(features, self.target.mean))
+        return self.target.loss(kernels.style_loss(features, self.target.mean,
+                                                   weights=self.weights))
+
+
+class RegionStyleLoss:
+    """The style loss of one layer over regions: sum_g share_g * loss_g(features).
+
+    ``terms`` holds (share, :class:`StyleLoss`) pairs: one for the styles without a region
+    mask (a blend, share = the sum of their blend weights) and one per style with a region
+    mask (share = its blend weight); the shares sum to 1. See the module doc.
+    """
+
+    def __init__(self, terms: Sequence[tuple[float, StyleLoss]]):
+        self.terms = list(terms)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The unweighted loss of ``features`` ([1, C, H, W]), 0-dim float32."""
+        total = None
+        for share, loss in self.terms:
+            term = share * loss(features)
+            total = term if total is None else total + term
+        return total
 
 
 class LayerSum:

@@ -28,7 +28,21 @@ import torch
 from PIL import Image
 
 from gramstyle.engine.extractor import VGGFeatures
-from gramstyle.engine.losses import ContentLoss, LayerSum, StyleLoss, gram_target, tv_loss
+from gramstyle.engine.losses import (
+    ContentLoss,
+    LayerSum,
+    RegionStyleLoss,
+    StyleLoss,
+    gram_target,
+    tv_loss,
+)
+from gramstyle.engine.masks import (
+    REGION_FIELD,
+    SOURCE_FIELD,
+    check_count,
+    layer_weights,
+    mask_tensor,
+)
 from gramstyle.engine.precision import resolve_precision
 from gramstyle.engine.target_cache import TargetCache, image_digest
 from gramstyle.engine.tensors import to_tensor
@@ -108,6 +122,26 @@ def _layer_weights(weights: Sequence[float] | None, layers: Sequence[str]) -> Se
     return (1.0,) * len(layers) if weights is None else weights
 
 
+def region_loss(layer: str, grams: Sequence[dict[str, torch.Tensor]],
+                region: Sequence[dict[str, torch.Tensor] | None],
+                blend: Sequence[float]) -> RegionStyleLoss:
+    """The style loss of ``layer`` when some styles have region masks: the styles without
+    one stay a blend over the whole output, each style with one gets its own guided term,
+    weighted by its share of the blend weights (see :mod:`gramstyle.engine.losses`)."""
+    total = float(sum(blend))
+    everywhere = [j for j, r in enumerate(region) if r is None]
+    terms: list[tuple[float, StyleLoss]] = []
+    if everywhere:
+        terms.append((sum(blend[j] for j in everywhere) / total,
+                      StyleLoss([grams[j][layer] for j in everywhere],
+                                           [blend[j] for j in everywhere])))
+    for j, weights in enumerate(region):
+        if weights is not None:
+            terms.append((blend[j] / total,
+                          StyleLoss([grams[j][layer]], [1.0], weights[layer])))
+    return RegionStyleLoss(terms)
+
+
 @dataclass
 class LossTerms:
     """The loss terms of one image as 0-dim float32 tensors on the device (see
@@ -185,7 +219,9 @@ class Objective:
               size: tuple[int, int] | None = None, output_field: str = "size", *,
               cache: TargetCache | None = None, model_key: Hashable = (),
               check: Callable[[float], None] | None = None,
-              keep_pixels: bool = True) -> Objective:
+              keep_pixels: bool = True,
+              style_masks: Sequence[Image.Image | None] = (),
+              style_source_masks: Sequence[Image.Image | None] = ()) -> Objective:
         """Check the images against ``options`` and the network, then compute the targets.
 
         ``options`` must be checked (:meth:`StyleTransfer.validate`). ``size`` = (width,
@@ -204,9 +240,16 @@ class Objective:
         ``keep_pixels=False`` (ComputeLosses, which needs no start image and no colours)
         leaves :attr:`contents` and :attr:`styles` empty, so that images whose targets are
         cached are not even resized.
+
+        ``style_masks`` / ``style_source_masks``: empty, or one per style image (None for a
+        style without one): the region mask on the output and the source mask on the style
+        image of each style (:mod:`gramstyle.engine.masks`; the loss is in
+        :mod:`gramstyle.engine.losses`). A style without masks applies everywhere.
         """
         tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
+        check_count(style_masks, len(styles), REGION_FIELD)
+        check_count(style_source_masks, len(styles), SOURCE_FIELD)
         if size is None:
             size = output_size(contents, styles, options.size)
         width, height = size
@@ -223,14 +266,31 @@ class Objective:
 
         device = extractor.mean.device
         precision = resolve_precision(options.precision, device)
+        content_layers = list(options.content_layers) if contents else []
+        style_layers = list(options.style_layers) if styles else []
+
+        # Each mask at each style layer's resolution, [1, N_l] (None: no mask).
+        region: list[dict[str, torch.Tensor] | None] = [None] * len(styles)
+        source: list[dict[str, torch.Tensor] | None] = [None] * len(styles)
+        for j, mask in enumerate(style_masks if style_layers else ()):
+            if mask is not None:
+                tick(mask.width * mask.height * 4e-8)
+                region[j] = layer_weights(
+                    mask_tensor(mask, size, device, f"{REGION_FIELD}[{j}]", "the output"),
+                    extractor, style_layers)
+        for j, mask in enumerate(style_source_masks if style_layers else ()):
+            if mask is not None:
+                tick(mask.width * mask.height * 4e-8)
+                source[j] = layer_weights(
+                    mask_tensor(mask, style_sizes[j], device, f"{SOURCE_FIELD}[{j}]",
+                                f"style[{j}] resized to size*style_scale"),
+                    extractor, style_layers)
         content_t = [to_tensor(resized(c, size), device) for c in contents] if keep_pixels \
             else []
         style_t = [to_tensor(resized(s, to), device)
                    for s, to in zip(styles, style_sizes, strict=True)] if keep_pixels else []
-        content_layers = list(options.content_layers) if contents else []
-        style_layers = list(options.style_layers) if styles else []
 
-        def targets(kind: str, index: int, layers: list[str], compute
+        def targets(kind: str, index: int, layers: list[str], compute, extra: tuple = ()
                     ) -> dict[str, torch.Tensor]:
             image, to, kept = ((contents[index], size, content_t) if kind == "content"
                                else (styles[index], style_sizes[index], style_t))
@@ -242,7 +302,9 @@ class Objective:
             if cache is None:
                 return run()
             # The original image and the size it is resized to: a hit needs no resize.
-            key = (kind, model_key, precision, image_digest(image), tuple(to), tuple(layers))
+            # ``extra``: what else the targets depend on (a source mask's digest).
+            key = (kind, model_key, precision, image_digest(image), tuple(to), tuple(layers),
+                   *extra)
             return cache.get_or_compute(key, run)
 
         content_loss = style_loss = None
@@ -253,12 +315,24 @@ class Objective:
                                      for n in content_layers},
                                     _layer_weights(options.content_layer_weights, content_layers))
         if style_layers:
-            grams = [targets("style", i, style_layers,
-                             lambda f: {n: gram_target(v) for n, v in f.items()})
-                     for i in range(len(styles))]
-            style_loss = LayerSum({n: StyleLoss([g[n] for g in grams], style_blend)
-                                   for n in style_layers},
-                                  _layer_weights(options.style_layer_weights, style_layers))
+            def style_grams(j: int) -> dict[str, torch.Tensor]:
+                if source[j] is None:
+                    return targets("style", j, style_layers,
+                                   lambda f: {n: gram_target(v) for n, v in f.items()})
+                weights = source[j]
+                return targets("style", j, style_layers,
+                               lambda f: {n: gram_target(v, weights[n]) for n, v in f.items()},
+                               extra=(image_digest(style_source_masks[j]),))
+
+            grams = [style_grams(j) for j in range(len(styles))]
+            if not any(r is not None for r in region):
+                style_loss = LayerSum({n: StyleLoss([g[n] for g in grams], style_blend)
+                                       for n in style_layers},
+                                      _layer_weights(options.style_layer_weights, style_layers))
+            else:
+                style_loss = LayerSum({n: region_loss(n, grams, region, style_blend)
+                                       for n in style_layers},
+                                      _layer_weights(options.style_layer_weights, style_layers))
         return cls(extractor, content_loss, style_loss, options.content_weight,
                    options.style_weight, options.tv_weight, precision, width, height,
                    content_t, style_t,

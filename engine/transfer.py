@@ -39,6 +39,7 @@ from PIL import Image
 from gramstyle import kernels
 from gramstyle.engine import precision as _precision
 from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.engine.masks import REGION_FIELD, SOURCE_FIELD
 from gramstyle.engine.objective import Objective, resolve_layers
 from gramstyle.engine.optimise import optimise
 from gramstyle.engine.stop import Cancelled, StopCheck
@@ -83,6 +84,20 @@ def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_p
             sources, "__fspath__"):
         sources = [sources]
     return [load_image(s, f"{field}[{i}]", max_pixels, check=check)
+            for i, s in enumerate(sources)]
+
+
+def _load_masks(sources: Sequence[ImageSource | None] | None, field: str, max_pixels: int,
+                check: Callable[[float], None] | None = None) -> list[Image.Image | None]:
+    """Decode optional masks, one per style (None: no mask for that style); errors name
+    ``field[i]``. None or an empty sequence: no masks at all."""
+    if sources is None:
+        return []
+    if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
+            sources, "__fspath__"):
+        raise ValueError(f"{field}: give a sequence with one mask per style image (None for "
+                         f"a style without one), not a single {type(sources).__name__}")
+    return [None if s is None else load_image(s, f"{field}[{i}]", max_pixels, check=check)
             for i, s in enumerate(sources)]
 
 
@@ -204,6 +219,8 @@ class StyleTransfer:
         progress: Callable[[Progress], None] | None = None,
         preview: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        style_masks: Sequence[ImageSource | None] | None = None,
+        style_source_masks: Sequence[ImageSource | None] | None = None,
     ) -> StylizeResult:
         """Optimise an image so its features match ``content`` and its Grams match ``style``.
 
@@ -220,6 +237,13 @@ class StyleTransfer:
                 inside it (decoding, resizing, target features, network passes); when it
                 returns True the run stops within a fraction of a second and
                 :class:`Cancelled` is raised (its ``iterations`` says how many ran).
+            style_masks: one region mask per style image (None for a style without one):
+                greyscale, white where that style applies on the output, black where not
+                (guided Gram matrices; :mod:`gramstyle.engine.masks`). Resized to the
+                output, so it must have the output's aspect ratio. A style without a region
+                mask applies everywhere, as without masks.
+            style_source_masks: likewise, one source mask per style image: the part of the
+                style image its statistics are taken from (same aspect ratio as it).
 
         Returns:
             The output image (the content image's aspect ratio, long side ``options.size``)
@@ -232,6 +256,8 @@ class StyleTransfer:
         check = _checker(should_stop)
         contents = _load(content, "content", self.max_pixels, check)
         styles = _load(style, "style", self.max_pixels, check)
+        region_masks = _load_masks(style_masks, REGION_FIELD, self.max_pixels, check)
+        source_masks = _load_masks(style_source_masks, SOURCE_FIELD, self.max_pixels, check)
         if init_image is not None:
             if options.init not in (None, "image"):
                 raise FieldError("init_image", f"given, but init is {options.init!r}; set "
@@ -242,7 +268,8 @@ class StyleTransfer:
             return Objective.build(self.network(options.precision), contents, styles,
                                    dataclasses.replace(options, size=size),
                                    cache=self.target_cache, model_key=self.model_key,
-                                   check=check)
+                                   check=check, style_masks=region_masks,
+                                   style_source_masks=source_masks)
 
         image, losses, run = optimise(objective_at, options, init_image=init_image,
                                       progress=progress, preview=preview,
@@ -264,6 +291,8 @@ class StyleTransfer:
         *,
         gradient: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        style_masks: Sequence[ImageSource | None] | None = None,
+        style_source_masks: Sequence[ImageSource | None] | None = None,
     ) -> LossReport:
         """Loss terms of ``candidate`` against the targets, without optimising.
 
@@ -271,7 +300,8 @@ class StyleTransfer:
         ``max(H, W)`` times the style scale. With ``gradient=True`` the report carries
         d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]). The candidate's size
         is checked against ``max_size`` from its header, before it is decoded.
-        ``should_stop`` works as in :meth:`stylize`.
+        ``should_stop``, ``style_masks`` and ``style_source_masks`` work as in
+        :meth:`stylize` (region masks are resized to the candidate).
         """
         started = time.perf_counter()
         check = _checker(should_stop)
@@ -287,7 +317,10 @@ class StyleTransfer:
             self.network(options.precision), _load(content, "content", self.max_pixels, check),
             _load(style, "style", self.max_pixels, check), options, size=image.size,
             output_field="candidate", cache=self.target_cache, model_key=self.model_key,
-            check=check, keep_pixels=False)
+            check=check, keep_pixels=False,
+            style_masks=_load_masks(style_masks, REGION_FIELD, self.max_pixels, check),
+            style_source_masks=_load_masks(style_source_masks, SOURCE_FIELD, self.max_pixels,
+                                           check))
         x = to_tensor(image, self.device).requires_grad_(gradient)
         grad = None
         with torch.set_grad_enabled(gradient):

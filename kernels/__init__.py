@@ -6,6 +6,16 @@ Shapes and normalisation:
     style_loss(F, A, scale) = mean over all B*C*C entries of (gram(F, scale) - A)^2,
         A is [B, C, C] or [C, C] (broadcast over B)
 
+Per-position weights (guided Gram matrices, Gatys et al. 2017), both calls' ``weights=``:
+    w: [B, N] or [N] (broadcast over B), float; the *mask* m itself, not m^2
+    gram(F, scale, weights=w)[b] = scale_b * sum_k w_bk^2 F_b[:, k] F_b[:, k]^T
+        scale_b defaults to 1 / (C * sum_k w_bk^2) -- the weighted mean over positions, so
+        all-ones weights give the unweighted default 1 / (C * N); a row of zeros gives G = 0.
+        An explicit scale is used as given for every b.
+    The fused op scales F by w before its GEMM and the gradient by w^2 after it; the
+    weights are constants (no gradient flows to them; weights that require grad are a
+    ValueError). Without weights the call is exactly what it was.
+
 Backends (``backend()``):
     'cpu' / 'cuda'  the fused C++ / CUDA operator ``torch.ops.gramstyle.*`` from the
                     compiled extension gramstyle.kernels._C: the forward computes only the
@@ -118,17 +128,45 @@ def _scale(features: torch.Tensor, scale: float | None, op: str) -> float:
     return reference.default_scale(features) if scale is None else float(scale)
 
 
-def gram(features: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def _weighted_scale(
+    features: torch.Tensor, weights: torch.Tensor, scale: float | None, op: str
+) -> tuple[float, torch.Tensor]:
+    """(scale, weights) for the op, with the default per-item normalisation folded into the
+    weights: w / sqrt(sum_k w_k^2) and scale 1 / C give scale_b = 1 / (C sum_k w_bk^2)
+    without a host synchronisation (a zero row stays zero)."""
+    reference.flatten(features, op)
+    if weights.requires_grad:
+        raise ValueError(f"{op}: weights must not require grad (they are constants of the "
+                         "loss; no gradient flows to them); pass weights.detach()")
+    if scale is not None:
+        return float(scale), weights
+    reference.check_weights(weights, features, op)  # before reading the weights' shape
+    acc = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    w = weights.to(acc)
+    norm = w.square().sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    return 1.0 / features.shape[1], w * norm.rsqrt()
+
+
+def gram(features: torch.Tensor, scale: float | None = None,
+         weights: torch.Tensor | None = None) -> torch.Tensor:
     """G = scale * F F^T for F of shape [B,C,H,W] or [B,C,N]; returns [B,C,C].
 
-    scale defaults to 1 / (C * N). The result has the features' dtype (float32 accumulation
-    on the fused path).
+    scale defaults to 1 / (C * N). With per-position ``weights`` w ([B,N] or [N]),
+    G = scale * F diag(w^2) F^T and scale defaults to 1 / (C * sum_k w_k^2) per batch item
+    (see the module doc). The result has the features' dtype (float32 accumulation on the
+    fused path).
     """
-    s = _scale(features, scale, "gramstyle.gram")
+    if weights is None:
+        s = _scale(features, scale, "gramstyle.gram")
+        ops = _fused_for(features.device)
+        if ops is None:
+            return reference.gram(features, s)
+        return ops.gram(features, s)
+    s, w = _weighted_scale(features, weights, scale, "gramstyle.gram")
     ops = _fused_for(features.device)
     if ops is None:
-        return reference.gram(features, s)
-    return ops.gram(features, s)
+        return reference.gram(features, s, w)
+    return ops.gram(features, s, 0, w)
 
 
 def _harmonise_target(target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -143,20 +181,31 @@ def _harmonise_target(target: torch.Tensor, features: torch.Tensor) -> torch.Ten
 
 
 def style_loss(
-    features: torch.Tensor, target: torch.Tensor, scale: float | None = None
+    features: torch.Tensor, target: torch.Tensor, scale: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mean((gram(features, scale) - target)^2) over all B*C*C entries; a 0-dim tensor.
+    """mean((gram(features, scale, weights) - target)^2) over all B*C*C entries; a 0-dim
+    tensor.
 
-    target is [C,C] (broadcast over B) or [B,C,C]. Gradients flow to the features and, if
-    it requires grad, to the target.
+    target is [C,C] (broadcast over B) or [B,C,C]. ``weights`` as in :func:`gram` (the
+    guided Gram matrix). Gradients flow to the features and, if it requires grad, to the
+    target; never to the weights.
     """
-    s = _scale(features, scale, "gramstyle.style_loss")
+    if weights is None:
+        s = _scale(features, scale, "gramstyle.style_loss")
+        if target.device != features.device:
+            reference.check_target(target, features, "gramstyle.style_loss")
+        ops = _fused_for(features.device)
+        if ops is None:
+            return reference.style_loss(features, target, s)
+        return ops.style_loss(features, _harmonise_target(target, features), s)
+    s, w = _weighted_scale(features, weights, scale, "gramstyle.style_loss")
     if target.device != features.device:
         reference.check_target(target, features, "gramstyle.style_loss")
     ops = _fused_for(features.device)
     if ops is None:
-        return reference.style_loss(features, target, s)
-    return ops.style_loss(features, _harmonise_target(target, features), s)
+        return reference.style_loss(features, target, s, w)
+    return ops.style_loss(features, _harmonise_target(target, features), s, 0, w)
 
 
 __all__ = ["gram", "style_loss", "backend", "ENV_VAR"]

@@ -63,6 +63,36 @@ def check_target(target: torch.Tensor, features: torch.Tensor, op: str) -> None:
         )
 
 
+def check_weights(weights: torch.Tensor, features: torch.Tensor, op: str) -> torch.Tensor:
+    """Rank, N, batch, device and dtype checks of per-position weights against features;
+    returns them as [Bw, 1, N] (Bw in {1, B}), broadcastable over the [B,C,N] view."""
+    b = features.shape[0]
+    n = features.numel() // (b * features.shape[1]) if features.numel() else 0
+    if weights.dim() not in (1, 2):
+        raise ValueError(
+            f"{op}: weights must be [N] or [B,N], got a {weights.dim()}-D tensor of shape "
+            f"{list(weights.shape)}"
+        )
+    if weights.shape[-1] != n:
+        raise ValueError(
+            f"{op}: weights have shape {list(weights.shape)} but features have N={n} "
+            "positions; weights must be [N] or [B,N]"
+        )
+    if weights.dim() == 2 and weights.shape[0] not in (b, 1):
+        raise ValueError(
+            f"{op}: weights batch {weights.shape[0]} does not match features batch {b} "
+            "(an [N] or [1,N] weight is broadcast)"
+        )
+    if weights.device != features.device:
+        raise ValueError(
+            f"{op}: weights are on {weights.device} but features are on {features.device}; "
+            "both must be on the same device"
+        )
+    if not weights.is_floating_point():
+        raise TypeError(f"{op}: weights must be a floating tensor, got {weights.dtype}")
+    return weights.reshape(-1, 1, n)
+
+
 def default_scale(features: torch.Tensor) -> float:
     """1 / (C * N), N = H * W: the normalisation of the PyTorch tutorial and neural-style."""
     c = features.shape[1]
@@ -70,14 +100,25 @@ def default_scale(features: torch.Tensor) -> float:
     return 1.0 / (c * n) if c * n else 1.0
 
 
-def gram(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * F F^T for F [B,C,H,W] or [B,C,N]; [B,C,C] in the features' dtype."""
+def gram(features: torch.Tensor, scale: float, weights: torch.Tensor | None = None,
+         ) -> torch.Tensor:
+    """scale * F diag(w^2) F^T for F [B,C,H,W] or [B,C,N] and per-position weights w ([N] or
+    [B,N]; all ones when None); [B,C,C] in the features' dtype."""
     f = check_features(features, "gramstyle.gram")
+    if weights is not None:
+        # The fused op's semantics: the Gram of F diag(w), the products computed in float32
+        # (float64 for float64) and rounded once to the features' dtype.
+        w = check_weights(weights, features, "gramstyle.gram")
+        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        f = (f.to(acc) * w.to(acc)).to(f.dtype)
     return torch.einsum("bcn,bdn->bcd", f, f) * scale
 
 
-def style_loss(features: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
-    """mean over all B*C*C entries of (gram(features, scale) - target)^2; 0-dim."""
+def style_loss(features: torch.Tensor, target: torch.Tensor, scale: float,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over all B*C*C entries of (gram(features, scale, weights) - target)^2; 0-dim."""
     check_features(features, "gramstyle.style_loss")
     check_target(target, features, "gramstyle.style_loss")
-    return (gram(features, scale) - target).pow(2).mean()
+    if weights is not None:
+        check_weights(weights, features, "gramstyle.style_loss")
+    return (gram(features, scale, weights) - target).pow(2).mean()

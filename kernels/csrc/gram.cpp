@@ -4,6 +4,9 @@
 //   gramstyle::gram_backward(dG, F, s)           -> dF = s (dG + dG^T) F         like F
 //   gramstyle::style_loss(F, A, s, block)        -> (L, R), R = G - A, L = mean(R^2)
 //   gramstyle::style_loss_backward(dL, R, F, s)  -> dF = dL * 2s/(B C C) (R + R^T) F
+// Each takes optional per-position weights w ([N] or [B,N]) last: then G = s F diag(w^2) F^T
+// (the Gram of F diag(w), scaled before the GEMM) and each dF is multiplied by w^2 per
+// position (M F diag(w^2) = (M F diag(w)) diag(w)). Without w nothing changes.
 //
 // Why it is cheaper than einsum + autograd (3 GEMMs, 6 B C^2 N flops per step):
 //   * G is symmetric, so the forward computes only the upper-triangular column panels of
@@ -58,6 +61,19 @@ bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf;
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+namespace {
+
+// Each batch item must be a BLAS matrix: row-major [C,N] (contiguous NCHW) or column-major
+// (channels_last). Anything else (slices with steps, expanded) is copied.
+at::Tensor blas_ready(const at::Tensor& f3) {
+  const int64_t C = f3.size(1), N = f3.size(2);
+  const bool row_major = f3.stride(2) == 1 && f3.stride(1) >= std::max<int64_t>(N, 1);
+  const bool col_major = f3.stride(1) == 1 && f3.stride(2) >= std::max<int64_t>(C, 1);
+  return (row_major || col_major) ? f3 : f3.contiguous();
+}
+
+}  // namespace
+
 Features prepare_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK_VALUE(features.dim() == 3 || features.dim() == 4, op,
                     ": features must be [B,C,H,W] or [B,C,N], got a ", features.dim(),
@@ -73,13 +89,48 @@ Features prepare_features(const at::Tensor& features, const char* op) {
   f.C = features.size(1);
   f.N = features.numel() / (f.B * f.C);
   // reshape is a view for contiguous and channels_last inputs, so no copy there.
-  at::Tensor f3 = features.dim() == 3 ? features : features.reshape({f.B, f.C, f.N});
-  // Each batch item must be a BLAS matrix: row-major [C,N] (contiguous NCHW) or
-  // column-major (channels_last). Anything else (slices with steps, expanded) is copied.
-  const bool row_major = f3.stride(2) == 1 && f3.stride(1) >= std::max<int64_t>(f.N, 1);
-  const bool col_major = f3.stride(1) == 1 && f3.stride(2) >= std::max<int64_t>(f.C, 1);
-  f.f3 = (row_major || col_major) ? f3 : f3.contiguous();
+  f.f3 = blas_ready(features.dim() == 3 ? features : features.reshape({f.B, f.C, f.N}));
   return f;
+}
+
+at::Tensor prepare_weights(const std::optional<at::Tensor>& weights, const Features& f,
+                           const char* op) {
+  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+  const at::Tensor& w = *weights;
+  TORCH_CHECK_VALUE(w.dim() == 1 || w.dim() == 2, op, ": weights must be [N] or [B,N], got a ",
+                    w.dim(), "-D tensor of shape ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(-1) == f.N, op, ": weights have shape ", w.sizes(),
+                    " but features have N=", f.N, " positions; weights must be [N] or [B,N]");
+  if (w.dim() == 2) {
+    TORCH_CHECK_VALUE(w.size(0) == f.B || w.size(0) == 1, op, ": weights batch ", w.size(0),
+                      " does not match features batch ", f.B,
+                      " (an [N] or [1,N] weight is broadcast)");
+  }
+  TORCH_CHECK_VALUE(w.device() == f.f3.device(), op, ": weights are on ", w.device(),
+                    " but features are on ", f.f3.device(), "; both must be on the same device");
+  TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op,
+                   ": weights must be a floating tensor, got ", w.scalar_type());
+  // In the accumulation type: bf16/fp16 features times float32 weights are rounded once,
+  // per product. Weights rounded to bf16 first would scale all of G by the same rounding
+  // error when they are (nearly) constant, e.g. a normalised all-ones mask.
+  return w.reshape({-1, 1, f.N}).to(acc_type(f.f3.scalar_type()));
+}
+
+Features scale_positions(const Features& f, const at::Tensor& w3) {
+  Features out = f;
+  // One O(B*C*N) pass, computed in the accumulation type and written in F's dtype and
+  // layout (empty_like keeps a column-major, channels_last item column-major).
+  at::Tensor fw = at::empty_like(f.f3);
+  at::mul_out(fw, f.f3, w3);
+  out.f3 = blas_ready(fw);
+  return out;
+}
+
+void scale_gradient(at::Tensor& grad, const at::Tensor& w3) {
+  // w3 is [Bw,1,N]; viewed with the features' spatial shape it broadcasts over grad.
+  std::vector<int64_t> shape{w3.size(0), 1};
+  for (int64_t d = 2; d < grad.dim(); ++d) shape.push_back(grad.size(d));
+  grad.mul_(w3.square().reshape(shape));  // in the accumulation type, one rounding
 }
 
 at::Tensor prepare_target(const at::Tensor& target, const Features& f, const char* op) {
@@ -298,8 +349,11 @@ void symmetrise_cpu(const acc_t* X, m_t* M, int64_t B, int64_t C, acc_t alpha) {
 // CPU operator implementations.
 // ---------------------------------------------------------------------------------------
 
-at::Tensor gram_cpu(const at::Tensor& features, double scale, int64_t block) {
-  const Features f = prepare_features(features, "gramstyle.gram");
+at::Tensor gram_cpu(const at::Tensor& features, double scale, int64_t block,
+                    const std::optional<at::Tensor>& weights) {
+  Features f = prepare_features(features, "gramstyle.gram");
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.gram");
+  if (w3.defined()) f = scale_positions(f, w3);
   const int64_t width = panel_width(f.C, block, /*cuda=*/false, is_reduced(f.f3.scalar_type()));
   const at::Tensor G = gram_upper_panels(f, width);
   at::Tensor out = at::empty({f.B, f.C, f.C}, features.options());
@@ -316,9 +370,12 @@ at::Tensor gram_cpu(const at::Tensor& features, double scale, int64_t block) {
 
 std::tuple<at::Tensor, at::Tensor> style_loss_cpu(const at::Tensor& features,
                                                   const at::Tensor& target, double scale,
-                                                  int64_t block) {
-  const Features f = prepare_features(features, "gramstyle.style_loss");
+                                                  int64_t block,
+                                                  const std::optional<at::Tensor>& weights) {
+  Features f = prepare_features(features, "gramstyle.style_loss");
   const at::Tensor A = prepare_target(target, f, "gramstyle.style_loss");
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.style_loss");
+  if (w3.defined()) f = scale_positions(f, w3);
   const int64_t width = panel_width(f.C, block, /*cuda=*/false, is_reduced(f.f3.scalar_type()));
   const at::Tensor G = gram_upper_panels(f, width);
   at::Tensor R = at::empty_like(G);
@@ -333,9 +390,10 @@ std::tuple<at::Tensor, at::Tensor> style_loss_cpu(const at::Tensor& features,
   return {at::scalar_tensor(total / count, G.options()), R};
 }
 
-// Shared by both backward ops: dF = alpha * (X + X^T) F.
+// Shared by both backward ops: dF = alpha * (X + X^T) F, times w^2 per position when w3 is
+// defined.
 at::Tensor sym_backward_cpu(const at::Tensor& X, const Features& f, const at::Tensor& features,
-                            double alpha) {
+                            double alpha, const at::Tensor& w3) {
   const auto acc = acc_type(features.scalar_type());
   const at::Tensor Xc = X.to(acc).contiguous();
   at::Tensor M = at::empty({f.B, f.C, f.C}, features.options());
@@ -347,26 +405,32 @@ at::Tensor sym_backward_cpu(const at::Tensor& X, const Features& f, const at::Te
                                         M.mutable_data_ptr<scalar_t>(), f.B, f.C,
                                         static_cast<acc_t>(alpha));
                                   });
-  return sym_times_features(M, f, features);
+  at::Tensor grad = sym_times_features(M, f, features);
+  if (w3.defined()) scale_gradient(grad, w3);
+  return grad;
 }
 
-at::Tensor gram_backward_cpu(const at::Tensor& grad, const at::Tensor& features, double scale) {
+at::Tensor gram_backward_cpu(const at::Tensor& grad, const at::Tensor& features, double scale,
+                             const std::optional<at::Tensor>& weights) {
   const Features f = prepare_features(features, "gramstyle.gram_backward");
   check_square(grad, f, "gramstyle.gram_backward", "grad");
-  return sym_backward_cpu(grad, f, features, scale);
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.gram_backward");
+  return sym_backward_cpu(grad, f, features, scale, w3);
 }
 
 at::Tensor style_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& residual,
-                                   const at::Tensor& features, double scale) {
+                                   const at::Tensor& features, double scale,
+                                   const std::optional<at::Tensor>& weights) {
   const Features f = prepare_features(features, "gramstyle.style_loss_backward");
   check_square(residual, f, "gramstyle.style_loss_backward", "residual");
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.style_loss_backward");
   TORCH_CHECK_VALUE(grad_loss.numel() == 1,
                     "gramstyle.style_loss_backward: grad_loss must have one element, got shape ",
                     grad_loss.sizes());
   // A CPU scalar: reading it costs nothing (the CUDA kernel reads it on the device instead).
   const double g = grad_loss.item<double>();
   const double alpha = g * 2.0 * scale / (static_cast<double>(f.B) * f.C * f.C);
-  return sym_backward_cpu(residual, f, features, alpha);
+  return sym_backward_cpu(residual, f, features, alpha, w3);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -385,25 +449,30 @@ at::Tensor autocast_features(const at::Tensor& features, c10::DeviceType device_
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>
-at::Tensor gram_autocast(const at::Tensor& features, double scale, int64_t block) {
+at::Tensor gram_autocast(const at::Tensor& features, double scale, int64_t block,
+                         const std::optional<at::Tensor>& weights) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gramstyle::gram", "")
-                       .typed<at::Tensor(const at::Tensor&, double, int64_t)>();
-  return op.call(autocast_features(features, kDevice), scale, block);
+                       .typed<at::Tensor(const at::Tensor&, double, int64_t,
+                                         const std::optional<at::Tensor>&)>();
+  // The weights are cast to the features' dtype by the kernel itself.
+  return op.call(autocast_features(features, kDevice), scale, block, weights);
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>
 std::tuple<at::Tensor, at::Tensor> style_loss_autocast(const at::Tensor& features,
                                                        const at::Tensor& target, double scale,
-                                                       int64_t block) {
+                                                       int64_t block,
+                                                       const std::optional<at::Tensor>& weights) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("gramstyle::style_loss", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    double, int64_t)>();
-  return op.call(autocast_features(features, kDevice), target, scale, block);
+                                                    double, int64_t,
+                                                    const std::optional<at::Tensor>&)>();
+  return op.call(autocast_features(features, kDevice), target, scale, block, weights);
 }
 
 }  // namespace
@@ -411,12 +480,17 @@ std::tuple<at::Tensor, at::Tensor> style_loss_autocast(const at::Tensor& feature
 TORCH_LIBRARY(gramstyle, m) {
   // Fake kernels and autograd are registered from this Python module.
   m.set_python_module("gramstyle.kernels.ops");
-  m.def("gram(Tensor features, float scale, int block=0) -> Tensor");
-  m.def("gram_backward(Tensor grad, Tensor features, float scale) -> Tensor");
-  m.def("style_loss(Tensor features, Tensor target, float scale, int block=0) -> (Tensor, Tensor)");
+  // weights: optional per-position weights w, [N] or [B,N]; G = s F diag(w^2) F^T.
+  m.def("gram(Tensor features, float scale, int block=0, Tensor? weights=None) -> Tensor");
   m.def(
-      "style_loss_backward(Tensor grad_loss, Tensor residual, Tensor features, float scale) "
+      "gram_backward(Tensor grad, Tensor features, float scale, Tensor? weights=None) "
       "-> Tensor");
+  m.def(
+      "style_loss(Tensor features, Tensor target, float scale, int block=0, "
+      "Tensor? weights=None) -> (Tensor, Tensor)");
+  m.def(
+      "style_loss_backward(Tensor grad_loss, Tensor residual, Tensor features, float scale, "
+      "Tensor? weights=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gramstyle, CPU, m) {

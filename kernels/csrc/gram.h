@@ -6,6 +6,9 @@
 //   A  target Gram, [C,C] or [B,C,C] (a [C,C] or [1,C,C] target is broadcast over B)
 //   R  residual G - A, kept in the accumulation type (float32, or float64 for float64 F)
 //   L  mean over the B*C*C entries of R^2
+//   w  optional per-position weights, [N] or [B,N] ([1,N] broadcast): G = s F diag(w^2) F^T,
+//      computed as the Gram of F diag(w) (F scaled before the GEMM); the backward is
+//      w^2 * (M F), the one GEMM's output scaled by the weights again
 //
 // gram.cpp holds the schema, the argument checks, the GEMM stage (vendor GEMM on the
 // upper-triangular column panels of G, device-generic through ATen) and the CPU
@@ -15,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace gramstyle {
 
@@ -29,6 +33,19 @@ struct Features {
 
 // Validates rank, dtype and emptiness; `op` names the operator in error messages.
 Features prepare_features(const at::Tensor& features, const char* op);
+
+// Validates optional per-position weights against the features (rank, N, batch, device,
+// dtype) and returns them shaped to broadcast over the [B,C,N] view, [Bw,1,N] (Bw in {1, B}),
+// in the accumulation type (acc_type); an undefined tensor when there are none.
+at::Tensor prepare_weights(const std::optional<at::Tensor>& weights, const Features& f,
+                           const char* op);
+
+// f with its features scaled by the weights w3 ([Bw,1,N], from prepare_weights): F diag(w),
+// laid out for BLAS. The GEMM of the result gives G = F diag(w^2) F^T.
+Features scale_positions(const Features& f, const at::Tensor& w3);
+
+// grad *= w^2 in place (grad shaped like the features), the backward's weighting.
+void scale_gradient(at::Tensor& grad, const at::Tensor& w3);
 
 // Validates the target against the features (rank, C, batch, device, dtype) and returns
 // it as a contiguous [Bt,C,C] tensor in the accumulation type, Bt in {1, B}.

@@ -10,6 +10,8 @@
 //   * gram_epilogue: out = s*sym(G_raw) in the features' dtype.
 //   * symmetrise: M = alpha * g * (X + X^T) in the GEMM dtype, where g (the incoming
 //     gradient of the loss) is read on the device, so the backward never synchronises.
+// Per-position weights (gram.h) are two elementwise ATen passes on the same stream: F diag(w)
+// before the forward GEMM, dF *= w^2 after the backward GEMM.
 
 #include "../gram.h"
 
@@ -110,9 +112,12 @@ __global__ void symmetrise_kernel(const acc_t* __restrict__ X, const acc_t* __re
   }
 }
 
-at::Tensor gram_cuda(const at::Tensor& features, double scale, int64_t block) {
-  const Features f = prepare_features(features, "gramstyle.gram");
+at::Tensor gram_cuda(const at::Tensor& features, double scale, int64_t block,
+                     const std::optional<at::Tensor>& weights) {
+  Features f = prepare_features(features, "gramstyle.gram");
   const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.gram");
+  if (w3.defined()) f = scale_positions(f, w3);
   const int64_t width = panel_width(f.C, block, /*cuda=*/true, /*reduced=*/false);
   const at::Tensor G = gram_upper_panels(f, width);
   at::Tensor out = at::empty({f.B, f.C, f.C}, features.options());
@@ -131,10 +136,13 @@ at::Tensor gram_cuda(const at::Tensor& features, double scale, int64_t block) {
 
 std::tuple<at::Tensor, at::Tensor> style_loss_cuda(const at::Tensor& features,
                                                    const at::Tensor& target, double scale,
-                                                   int64_t block) {
-  const Features f = prepare_features(features, "gramstyle.style_loss");
+                                                   int64_t block,
+                                                   const std::optional<at::Tensor>& weights) {
+  Features f = prepare_features(features, "gramstyle.style_loss");
   const at::Tensor A = prepare_target(target, f, "gramstyle.style_loss");
   const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.style_loss");
+  if (w3.defined()) f = scale_positions(f, w3);
   const int64_t width = panel_width(f.C, block, /*cuda=*/true, /*reduced=*/false);
   const at::Tensor G = gram_upper_panels(f, width);
   at::Tensor R = at::empty_like(G);
@@ -158,9 +166,10 @@ std::tuple<at::Tensor, at::Tensor> style_loss_cuda(const at::Tensor& features,
   return {loss, R};
 }
 
-// dF = alpha * g * (X + X^T) F, with g an optional device scalar.
+// dF = alpha * g * (X + X^T) F, with g an optional device scalar, times w^2 per position
+// when w3 is defined.
 at::Tensor sym_backward_cuda(const at::Tensor& X, const at::Tensor* g, const Features& f,
-                             const at::Tensor& features, double alpha) {
+                             const at::Tensor& features, double alpha, const at::Tensor& w3) {
   const auto acc = acc_type(features.scalar_type());
   const at::Tensor Xc = X.to(acc).contiguous();
   const at::Tensor gc = g == nullptr ? at::Tensor() : g->to(acc).reshape({1}).contiguous();
@@ -175,18 +184,23 @@ at::Tensor sym_backward_cuda(const at::Tensor& X, const at::Tensor* g, const Fea
             M.mutable_data_ptr<scalar_t>(), f.B, f.C, static_cast<acc_t>(alpha));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return sym_times_features(M, f, features);
+  at::Tensor grad = sym_times_features(M, f, features);
+  if (w3.defined()) scale_gradient(grad, w3);
+  return grad;
 }
 
-at::Tensor gram_backward_cuda(const at::Tensor& grad, const at::Tensor& features, double scale) {
+at::Tensor gram_backward_cuda(const at::Tensor& grad, const at::Tensor& features, double scale,
+                              const std::optional<at::Tensor>& weights) {
   const Features f = prepare_features(features, "gramstyle.gram_backward");
   check_square(grad, f, "gramstyle.gram_backward", "grad");
   const c10::cuda::CUDAGuard guard(features.device());
-  return sym_backward_cuda(grad, nullptr, f, features, scale);
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.gram_backward");
+  return sym_backward_cuda(grad, nullptr, f, features, scale, w3);
 }
 
 at::Tensor style_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& residual,
-                                    const at::Tensor& features, double scale) {
+                                    const at::Tensor& features, double scale,
+                                    const std::optional<at::Tensor>& weights) {
   const Features f = prepare_features(features, "gramstyle.style_loss_backward");
   check_square(residual, f, "gramstyle.style_loss_backward", "residual");
   TORCH_CHECK_VALUE(grad_loss.numel() == 1,
@@ -196,8 +210,9 @@ at::Tensor style_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
                     "gramstyle.style_loss_backward: grad_loss is on ", grad_loss.device(),
                     " but features are on ", features.device());
   const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor w3 = prepare_weights(weights, f, "gramstyle.style_loss_backward");
   const double alpha = 2.0 * scale / (static_cast<double>(f.B) * f.C * f.C);
-  return sym_backward_cuda(residual, &grad_loss, f, features, alpha);
+  return sym_backward_cuda(residual, &grad_loss, f, features, alpha, w3);
 }
 
 }  // namespace
