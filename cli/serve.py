@@ -75,6 +75,15 @@ def add_parser(sub) -> None:
                         "a request that would exceed it waits in the queue (default: 80%% of "
                         "the machine's or container's memory, less the loaded models and the "
                         "target cache; the ready line shows it)")
+    g.add_argument("--message-budget", type=memory_size, metavar="SIZE",
+                   help="what the request messages in flight may hold besides the memory "
+                        "budget: each message being received reserves twice --max-message-mb "
+                        "and, once parsed, its own size until its call ends (queued calls "
+                        "included); calls beyond it wait, up to --message-timeout (default: "
+                        "25%% of the memory budget, at least 4 x --max-message-mb)")
+    g.add_argument("--message-timeout", type=finite_float, default=30.0, metavar="SECONDS",
+                   help="how long a request message may take to arrive, the wait for the "
+                        "message budget included (default 30)")
     g.add_argument("--max-concurrent-streams", type=int, default=100, metavar="N",
                    help="streams one client connection may have open at once; a client "
                         "queues the excess, the server refuses streams beyond it (default 100)")
@@ -135,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
                              ("--max-concurrent-streams", args.max_concurrent_streams, 1)):
         if value < low:
             raise CLIError(f"{flag}: must be >= {low}, got {value}")
+    if not args.message_timeout > 0:
+        raise CLIError(f"--message-timeout: must be > 0 seconds, got {args.message_timeout}")
     if args.port > 65535:
         raise CLIError(f"--port: must be <= 65535, got {args.port}")
     if args.health_port is not None and not 0 <= args.health_port <= 65535:
@@ -153,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level, log_format=args.log_format, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=args.auth_tokens,
         public_reflection=args.public_reflection, insecure_auth=args.insecure_auth,
-        health_port=args.health_port)
+        health_port=args.health_port, message_budget=args.message_budget,
+        message_timeout_s=args.message_timeout)
     try:
         return serve(config)
     except OSError as exc:  # "port N is already in use", or the metrics port

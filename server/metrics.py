@@ -10,6 +10,8 @@ live in one process (the tests do this) without "duplicated timeseries" errors. 
 - ``gramstyle_busy_workers``: compute jobs running;
 - ``gramstyle_memory_reserved_bytes``: the running jobs' peak-memory estimates, summed;
 - ``gramstyle_memory_budget_bytes``: what they may add up to (``--memory-budget``);
+- ``gramstyle_message_bytes``: request messages in flight (being received, or held by their
+  calls), see server/message_budget.py; ``gramstyle_message_budget_bytes``: their budget;
 - ``gramstyle_iterations_total``: optimisation iterations run;
 - ``gramstyle_target_cache_hits_total`` / ``gramstyle_target_cache_misses_total``: lookups
   of image targets in the engines' target caches (engine/target_cache.py);
@@ -50,6 +52,12 @@ class Metrics:
         self.memory_budget = Gauge("gramstyle_memory_budget_bytes",
                                    "What the running jobs' estimates may add up to.",
                                    registry=self.registry)
+        self.message_bytes = Gauge("gramstyle_message_bytes",
+                                   "Bytes reserved by request messages in flight.",
+                                   registry=self.registry)
+        self.message_budget = Gauge("gramstyle_message_budget_bytes",
+                                    "What request messages in flight may reserve.",
+                                    registry=self.registry)
 
     def watch_target_caches(self, caches: Iterable) -> None:
         """Export the hit, miss and byte counts of these target caches (each counted once,

@@ -300,22 +300,27 @@ def _authorization(metadata: Any) -> str | bytes | None:
     return values[0] if len(values) == 1 else None  # two headers: ambiguous, refuse
 
 
+async def _refuse(context: Any) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """``handler`` with every behavior replaced by an UNAUTHENTICATED answer (same kind, same
-    (de)serializers, so that streaming methods answer as streams)."""
+    """``handler`` answering UNAUTHENTICATED without reading the request: every kind becomes
+    *request-streaming* (grpc.aio then reads no message until asked, and this never asks),
+    so a refused caller's message -- up to the receive limit -- is never received or parsed;
+    the response side keeps its kind, so that streaming methods answer as streams."""
 
-    async def unary(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    async def unary(requests: Any, context: Any) -> Any:
+        await _refuse(context)
 
-    async def stream(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    async def stream(requests: Any, context: Any) -> Any:
+        await _refuse(context)
         yield  # pragma: no cover -- makes this an async generator, as the kind expects
 
-    replaced = {}
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        if getattr(handler, kind) is not None:
-            replaced[kind] = stream if kind.endswith("_stream") else unary
-    return handler._replace(**replaced)
+    streaming = handler.response_streaming
+    return handler._replace(request_streaming=True, unary_unary=None, unary_stream=None,
+                            stream_unary=None if streaming else unary,
+                            stream_stream=stream if streaming else None)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

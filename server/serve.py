@@ -52,6 +52,11 @@ from gramstyle.images import DEFAULT_MAX_PIXELS
 from gramstyle.options import MAX_ITERATIONS, MAX_SIZE
 from gramstyle.server.admission import WorkQueue
 from gramstyle.server.interceptors import JsonFormatter, RequestLogInterceptor
+from gramstyle.server.message_budget import (
+    DEFAULT_ARRIVAL_TIMEOUT_S,
+    MessageBudget,
+    MessageBudgetInterceptor,
+)
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import (
     AuthInterceptor,
@@ -77,6 +82,11 @@ MAX_CONNECTION_AGE_S = 300.0
 #: How long calls in flight on such a connection may still run before it is closed (s): an
 #: hour, longer than any sane Stylize deadline, so that ageing never cuts a call.
 MAX_CONNECTION_AGE_GRACE_S = 3600.0
+#: Default share of the memory budget that request messages in flight may hold besides it
+#: (``--message-budget``; at least two of the largest messages).
+MESSAGE_BUDGET_SHARE = 0.25
+#: The plaintext health port's receive limit: a health request is a few bytes.
+HEALTH_MAX_MESSAGE_BYTES = 4096
 #: Addresses that mean "every interface".
 _ALL_INTERFACES = {"", "[::]", "::", "0.0.0.0", "*"}
 
@@ -113,6 +123,12 @@ class ServeConfig:
     #: machine's memory, see :func:`default_memory_budget`).
     memory_budget: int | None = None
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    #: What request messages in flight (being received, or parsed and held by their calls)
+    #: may add up to, bytes, besides the memory budget (None: see
+    #: :func:`default_message_budget`).
+    message_budget: int | None = None
+    #: Seconds a request message may take to arrive.
+    message_timeout_s: float = DEFAULT_ARRIVAL_TIMEOUT_S
     log_level: str = "INFO"
     #: "text" (key=value) or "json" (one object per line).
     log_format: str = "text"
@@ -162,6 +178,12 @@ def default_memory_budget(reserved: int = 0) -> int:
     target cache), and at least 256 MiB."""
     budget = int(MEMORY_BUDGET_SHARE * machine_memory()) - process_rss() - reserved
     return max(256 * 2**20, budget)
+
+
+def default_message_budget(memory_budget: int, max_message_bytes: int) -> int:
+    """The default ``--message-budget``: ``MESSAGE_BUDGET_SHARE`` of the memory budget, and
+    room to receive at least two of the largest messages at once."""
+    return max(int(MESSAGE_BUDGET_SHARE * memory_budget), 4 * max_message_bytes)
 
 
 def default_metrics_host(host: str) -> str:
@@ -265,6 +287,9 @@ class GramstyleServer:
         max_connection_age_s: the server closes (GOAWAY) a client connection after about
             this long, so that ``dns:///`` clients resolve again and find new replicas; calls
             in flight on it go on (up to ``MAX_CONNECTION_AGE_GRACE_S``).
+        message_budget: bytes the request messages in flight may hold (None:
+            :func:`default_message_budget`); see :mod:`gramstyle.server.message_budget`.
+        message_timeout_s: seconds a request message may take to arrive.
     """
 
     def __init__(self, engines: Sequence[StyleTransfer], *, host: str = "[::]", port: int = 0,
@@ -276,7 +301,9 @@ class GramstyleServer:
                  max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
                  tls: TlsFiles | None = None, tokens: TokenStore | None = None,
                  public_reflection: bool = False, health_port: int | None = None,
-                 max_connection_age_s: float = MAX_CONNECTION_AGE_S):
+                 max_connection_age_s: float = MAX_CONNECTION_AGE_S,
+                 message_budget: int | None = None,
+                 message_timeout_s: float = DEFAULT_ARRIVAL_TIMEOUT_S):
         self.tls, self.tokens, self.public_reflection = tls, tokens, public_reflection
         self.max_connection_age_s = max_connection_age_s
         self.health_server: grpc.aio.Server | None = None
@@ -287,6 +314,11 @@ class GramstyleServer:
             caches = {id(e.target_cache): e.target_cache for e in engines}.values()
             memory_budget = default_memory_budget(sum(c.max_bytes for c in caches))
         self.metrics.memory_budget.set(memory_budget)
+        if message_budget is None:
+            message_budget = default_message_budget(memory_budget, max_message_bytes)
+        self.messages = MessageBudget(message_budget, max_message_bytes, message_timeout_s,
+                                      on_change=self.metrics.message_bytes.set)
+        self.metrics.message_budget.set(message_budget)
         self.work = WorkQueue(workers, queue_size, memory_budget=memory_budget,
                               on_change=self.metrics.set_load)
         self.service = StyleTransferService(
@@ -344,12 +376,19 @@ class GramstyleServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor(self.metrics)]
         if self.tokens is not None:  # after the log: refused calls are logged and counted
             interceptors.append(AuthInterceptor(self.tokens, self.public_reflection))
+        # Innermost: a refused call's message is never read.
+        interceptors.append(MessageBudgetInterceptor(self.messages))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_concurrent_streams", streams),
+                # Identity only: a compressed request is refused (UNIMPLEMENTED "Compression
+                # algorithm 'gzip' is disabled") from its headers, before it is read; 61 KB
+                # of gzip on the wire was 60 MiB in memory. gramstyle's clients never
+                # compress.
+                ("grpc.compression_enabled_algorithms_bitset", 1),
                 # gRPC sets SO_REUSEPORT by default, so a second server on a busy port would
                 # start and share it; fail instead.
                 ("grpc.so_reuseport", 0),
@@ -381,8 +420,11 @@ class GramstyleServer:
         """The plaintext health-only listener (kubelet gRPC probes cannot do TLS). It shares
         the main server's health servicer, so it answers exactly what the main port would,
         NOT_SERVING during the drain included."""
-        server = grpc.aio.server(interceptors=[RequestLogInterceptor(self.metrics)],
-                                 options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=[RequestLogInterceptor(self.metrics)],
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                     ("grpc.compression_enabled_algorithms_bitset", 1)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -486,7 +528,8 @@ def run(config: ServeConfig) -> int:
         max_message_bytes=config.max_message_bytes, max_images=config.max_images,
         max_request_memory=config.max_request_memory, memory_budget=config.memory_budget,
         max_concurrent_streams=config.max_concurrent_streams, tls=tls, tokens=tokens,
-        public_reflection=config.public_reflection, health_port=config.health_port)
+        public_reflection=config.public_reflection, health_port=config.health_port,
+        message_budget=config.message_budget, message_timeout_s=config.message_timeout_s)
     stop_requested = threading.Event()
     signals = 0
 
