@@ -77,10 +77,10 @@ def add_parser(sub) -> None:
                         "target cache; the ready line shows it)")
     g.add_argument("--message-budget", type=memory_size, metavar="SIZE",
                    help="what the request messages in flight may hold besides the memory "
-                        "budget: each message being received reserves twice --max-message-mb "
+                        "budget: each message being received reserves 3 x --max-message-mb "
                         "and, once parsed, its own size until its call ends (queued calls "
                         "included); calls beyond it wait, up to --message-timeout (default: "
-                        "25%% of the memory budget, at least 4 x --max-message-mb)")
+                        "25%% of the memory budget, at least 6 x --max-message-mb)")
     g.add_argument("--message-timeout", type=finite_float, default=30.0, metavar="SECONDS",
                    help="how long a request message may take to arrive, the wait for the "
                         "message budget included (default 30)")

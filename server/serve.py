@@ -54,6 +54,7 @@ from gramstyle.server.admission import WorkQueue
 from gramstyle.server.interceptors import JsonFormatter, RequestLogInterceptor
 from gramstyle.server.message_budget import (
     DEFAULT_ARRIVAL_TIMEOUT_S,
+    RECEIVE_FACTOR,
     MessageBudget,
     MessageBudgetInterceptor,
 )
@@ -183,7 +184,8 @@ def default_memory_budget(reserved: int = 0) -> int:
 def default_message_budget(memory_budget: int, max_message_bytes: int) -> int:
     """The default ``--message-budget``: ``MESSAGE_BUDGET_SHARE`` of the memory budget, and
     room to receive at least two of the largest messages at once."""
-    return max(int(MESSAGE_BUDGET_SHARE * memory_budget), 4 * max_message_bytes)
+    return max(int(MESSAGE_BUDGET_SHARE * memory_budget),
+               2 * RECEIVE_FACTOR * max_message_bytes)
 
 
 def default_metrics_host(host: str) -> str:

@@ -34,6 +34,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -42,6 +43,7 @@ import grpc
 
 import gramstyle
 from gramstyle import codec
+from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.images import ImageHeader, probe_image
 from gramstyle.options import MAX_ITERATIONS, PREVIEW_CHARS, StyleOptions
@@ -212,14 +214,31 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         raise ValueError(f"{field}: the request needs {estimate.describe()}, over this "
                          f"server's limit of {_size(limit)} per request; {advice}")
 
-    async def _headers_of(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (which reads image headers) on the header pool, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._headers, fn)
+    async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
+        """``fn(stopped)`` (which reads image headers) on the header pool, off the event loop.
+        ``stopped()`` turns true at the caller's deadline or when it leaves, so that a probe
+        of many images stops there (one image's probe is bounded by images.check_structure);
+        a probe still waiting for a pool thread then never starts."""
+        gone = threading.Event()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
 
-    def _probe(self, images: Sequence[pb.WeightedImage], field: str, max_pixels: int
-               ) -> list[ImageHeader]:
-        return [probe_image(image.data, f"{field}[{i}]", max_pixels)
-                for i, image in enumerate(images)]
+        def stopped() -> bool:
+            return gone.is_set() or (deadline is not None and time.monotonic() > deadline)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._headers, fn, stopped)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
+
+    def _probe(self, images: Sequence[pb.WeightedImage], field: str, max_pixels: int,
+               stopped: Callable[[], bool]) -> list[ImageHeader]:
+        headers = []
+        for i, image in enumerate(images):
+            if stopped():
+                raise Cancelled("the call ended while its image headers were read")
+            headers.append(probe_image(image.data, f"{field}[{i}]", max_pixels))
+        return headers
 
     def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:
         return self.work.submit(job, memory=estimate.total)
@@ -233,18 +252,19 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             fmt = codec.output_format(request.output_format)
             self._count(request, {"init_image": 1 if request.init_image else 0})
 
-            def plan() -> memory.Estimate:
-                contents = self._probe(request.content, "content", engine.max_pixels)
-                styles = self._probe(request.style, "style", engine.max_pixels)
+            def plan(stopped: Callable[[], bool]) -> memory.Estimate:
+                contents = self._probe(request.content, "content", engine.max_pixels, stopped)
+                styles = self._probe(request.style, "style", engine.max_pixels, stopped)
                 init = (probe_image(request.init_image, "init_image", engine.max_pixels)
                         if request.init_image else None)
                 encoded = sum(len(i.data) for i in (*request.content, *request.style))
                 return memory.estimate_stylize(engine.extractor, options, contents, styles,
-                                               init, encoded + len(request.init_image))
+                                               init, encoded + len(request.init_image),
+                                               message=request.ByteSize())
 
-            estimate = await self._headers_of(plan)
+            estimate = await self._headers_of(plan, context)
             self._fits(estimate, options, losses=False)
-        except (ModelNotLoaded, ValueError) as exc:
+        except (ModelNotLoaded, ValueError, Cancelled) as exc:
             await abort(context, exc)
 
         relay = _Relay(asyncio.get_running_loop())
@@ -286,22 +306,23 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             engine, options = self._validate(request, codec.losses_options, optimises=False)
             self._count(request, {"candidate": 1})
 
-            def plan() -> tuple[memory.Estimate, StyleOptions]:
+            def plan(stopped: Callable[[], bool]) -> tuple[memory.Estimate, StyleOptions]:
                 candidate = probe_image(request.candidate, "candidate", engine.max_pixels,
                                         max_side=engine.max_size)
                 # As the engine does: the candidate's long side stands in for `size`.
                 checked = engine.validate(dataclasses.replace(
                     options, size=max(16, candidate.width, candidate.height)), MAX_ITERATIONS)
-                contents = self._probe(request.content, "content", engine.max_pixels)
-                styles = self._probe(request.style, "style", engine.max_pixels)
+                contents = self._probe(request.content, "content", engine.max_pixels, stopped)
+                styles = self._probe(request.style, "style", engine.max_pixels, stopped)
                 encoded = sum(len(i.data) for i in (*request.content, *request.style))
                 return memory.estimate_losses(engine.extractor, checked, candidate, contents,
                                               styles, request.gradient,
-                                              encoded + len(request.candidate)), checked
+                                              encoded + len(request.candidate),
+                                              message=request.ByteSize()), checked
 
-            estimate, options = await self._headers_of(plan)
+            estimate, options = await self._headers_of(plan, context)
             self._fits(estimate, options, losses=True)
-        except (ModelNotLoaded, ValueError) as exc:
+        except (ModelNotLoaded, ValueError, Cancelled) as exc:
             await abort(context, exc)
 
         stop = threading.Event()
