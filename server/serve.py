@@ -312,6 +312,8 @@ class GramstyleServer:
         self.health_port: int | None = None
         self.metrics = metrics or Metrics()
         self.metrics.watch_target_caches(e.target_cache for e in engines)
+        if tls is not None:
+            self.metrics.watch_tls(tls)
         if memory_budget is None:
             caches = {id(e.target_cache): e.target_cache for e in engines}.values()
             memory_budget = default_memory_budget(sum(c.max_bytes for c in caches))
