@@ -78,7 +78,7 @@ def add_parser(sub) -> None:
     g.add_argument("--message-budget", type=memory_size, metavar="SIZE",
                    help="what the request messages in flight may hold besides the memory "
                         "budget: each message being received reserves 3 x --max-message-mb "
-                        "and, once parsed, its own size until its call ends (queued calls "
+                        "and, once parsed, 3 x its size until its call ends (queued calls "
                         "included); calls beyond it wait, up to --message-timeout (default: "
                         "25%% of the memory budget, at least 6 x --max-message-mb)")
     g.add_argument("--message-timeout", type=finite_float, default=30.0, metavar="SECONDS",

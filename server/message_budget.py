@@ -19,8 +19,11 @@ loopback with BDP probing). The handler then:
    (waiting for the budget included): a caller that withholds its last byte is cut off with
    DEADLINE_EXCEEDED "request message did not arrive within N s", and one that cannot get
    budget in that time is refused with RESOURCE_EXHAUSTED;
-3. shrinks the reservation to the parsed request's size, held until the call ends -- while it
-   waits in the work queue or runs -- so queued requests' messages count too.
+3. shrinks the reservation to ``RECEIVE_FACTOR`` times the parsed request's size (the request,
+   and the copies of its images the header probe and the job take), held until the call
+   ends -- while it waits in the work queue or runs -- so queued requests' messages count
+   too. When a large one ends, the freed heap is given back to the system
+   (:func:`gramstyle.server.allocator.trim_soon`).
 
 An unauthenticated call is refused before step 1 (see security._abort_handler): its message
 is never read.
@@ -43,10 +46,14 @@ from typing import Any
 
 import grpc
 
+from gramstyle.server.allocator import trim_soon
+
 #: Bytes a message costs while it is received, per byte of the largest accepted message:
 #: gRPC's received slices and the assembled bytes (1.7 x measured on grpcio 1.85), then the
 #: bytes and the parsed message, whose arena grows by doubling.
 RECEIVE_FACTOR = 3
+#: A call that held this many bytes or more asks for the freed heap to be trimmed.
+TRIM_BYTES = 8 * 2**20
 #: Default seconds a request message may take to arrive (from the start of the call).
 DEFAULT_ARRIVAL_TIMEOUT_S = 30.0
 
@@ -141,12 +148,14 @@ class MessageBudget:
             if request is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     "request: the call ended before its request message")
-            size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+            size = RECEIVE_FACTOR * request.ByteSize() if hasattr(request, "ByteSize") else 0
             self._change(size - held)  # the receipt's buffers are gone; the request stays
             held = size
             yield request
         finally:
             self._change(-held)
+            if held >= TRIM_BYTES:
+                trim_soon()
 
 
 def _single(behavior: Callable, budget: MessageBudget, streaming_response: bool) -> Callable:

@@ -165,7 +165,7 @@ def test_message_budget_is_first_come_first_served_and_holds_parsed_sizes():
         yield message
 
     async def scenario():
-        budget = MessageBudget(3 * MiB, MiB, arrival_timeout_s=0.5)  # receipt: 2 MiB
+        budget = MessageBudget(5 * MiB, MiB, arrival_timeout_s=0.5)  # receipt: 3 MiB
         big = _request(bytes(MiB // 2))
         first_arrives, second_arrives = asyncio.Event(), asyncio.Event()
         order = []
@@ -178,20 +178,22 @@ def test_message_budget_is_first_come_first_served_and_holds_parsed_sizes():
 
         first = asyncio.ensure_future(call("first", first_arrives, Context()))
         await asyncio.sleep(0.01)
-        assert budget.reserved == 2 * MiB
+        assert budget.reserved == 3 * MiB
         second = asyncio.ensure_future(call("second", second_arrives, Context()))
         await asyncio.sleep(0.01)
-        assert budget.reserved == 2 * MiB  # the second waits: 2 + 2 MiB > 3 MiB
+        assert budget.reserved == 3 * MiB  # the second waits: 3 + 3 MiB > 5 MiB
         first_arrives.set()
         second_arrives.set()
         await asyncio.gather(first, second)
-        # Once received, the first held its parsed size (about 0.5 MiB), and the room its
-        # receipt left went to the second at once; then the second held its size too.
-        assert order[0] == ("first", big.ByteSize() + 2 * MiB)
-        assert order[1] == ("second", 2 * big.ByteSize())
+        # Once received, the first held three times its parsed size (the request and the
+        # copies of its images: 1.5 MiB), and the room its receipt left went to the second
+        # at once; then the second held as much.
+        held = RECEIVE_FACTOR * big.ByteSize()
+        assert order[0] == ("first", held + 3 * MiB)
+        assert order[1] == ("second", 2 * held)
         assert budget.reserved == 0
-        # A received request of 1.5 MiB, held (queued) for 1 s, leaves no room for another
-        # receipt (1.5 + 2 > 3 MiB): a call waiting longer than the arrival time is refused.
+        # A received request of 1.5 MiB (4.5 MiB held), queued for 1 s, leaves no room for
+        # another receipt (4.5 + 3 > 5 MiB): a call waiting longer than that is refused.
         arrived = asyncio.Event()
         arrived.set()
         held = asyncio.ensure_future(call("held", arrived, Context(),
@@ -201,7 +203,7 @@ def test_message_budget_is_first_come_first_served_and_holds_parsed_sizes():
         with pytest.raises(RuntimeError):
             await call("refused", arrived, refused)
         assert refused.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "message budget of 3 MiB" in refused.aborted[1]
+        assert "message budget of 5 MiB" in refused.aborted[1]
         await held
         # A message that never comes is cut at the arrival time.
         never = Context()
