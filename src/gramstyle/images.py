@@ -52,9 +52,10 @@ _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N
 #: Most scans (SOS segments) a JPEG may have. libjpeg's progressive script has 10 for colour
 #: images (18 for CMYK), and optimised encoders (mozjpeg) stay under 20; every scan is a pass
 #: over all the pixels inside one decoder call that cannot be interrupted, so a "scan bomb"
-#: of thousands held a worker for half a minute. Measured (bench/image_bombs.py): a flat
-#: 4096 x 4096 JPEG decodes in 0.7 s with 10 scans, 1.6 s with 32 (the worst allowed), on a
-#: shared 2-core Xeon; the decode time of a file within the limit grows with its bytes.
+#: of thousands held a worker for half a minute. Measured (bench/image_bombs.py) on a shared
+#: 2-core Xeon: a flat 4096 x 4096 JPEG decodes in 1.3 s with 10 scans, 3.0 s with 32 (the
+#: worst allowed); a 13 MB noise one with 10 scans in 3.7 s. Within the limit the decode
+#: time grows with the file's bytes, and one decode still cannot be interrupted.
 MAX_JPEG_SCANS = 32
 #: Most marker segments a JPEG may have (Pillow parses each one in Python); real files have
 #: a few dozen, an ICC profile split into 64 KiB APP2 segments a few more.
