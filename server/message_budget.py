@@ -176,12 +176,20 @@ def _single(behavior: Callable, budget: MessageBudget, streaming_response: bool)
     return unary
 
 
+#: Methods read within the separate health budget: probes must not wait for large uploads.
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
 class MessageBudgetInterceptor(grpc.aio.ServerInterceptor):
     """Receive every single-message request within a :class:`MessageBudget` (see the
-    module docstring). Put it last (innermost), after the token check."""
+    module docstring). Put it last (innermost), after the token check.
 
-    def __init__(self, budget: MessageBudget):
+    Health checks use ``health_budget`` (default: ``budget``), so that large uploads filling
+    the main budget never hold up a probe; their own legitimate messages are a few bytes."""
+
+    def __init__(self, budget: MessageBudget, health_budget: MessageBudget | None = None):
         self.budget = budget
+        self.health_budget = health_budget or budget
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -190,13 +198,16 @@ class MessageBudgetInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
+        method = handler_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        budget = self.health_budget if method.startswith(HEALTH_PREFIX) else self.budget
         if handler.unary_stream is not None:
             return handler._replace(
                 request_streaming=True, unary_stream=None,
-                stream_stream=_single(handler.unary_stream, self.budget, True))
+                stream_stream=_single(handler.unary_stream, budget, True))
         return handler._replace(
             request_streaming=True, unary_unary=None,
-            stream_unary=_single(handler.unary_unary, self.budget, False))
+            stream_unary=_single(handler.unary_unary, budget, False))
 
 
 __all__ = ["DEFAULT_ARRIVAL_TIMEOUT_S", "RECEIVE_FACTOR", "MessageBudget",

@@ -86,6 +86,8 @@ MAX_CONNECTION_AGE_GRACE_S = 3600.0
 #: Default share of the memory budget that request messages in flight may hold besides it
 #: (``--message-budget``; at least two of the largest messages).
 MESSAGE_BUDGET_SHARE = 0.25
+#: Seconds a health request's message may take to arrive on the main port.
+HEALTH_MESSAGE_TIMEOUT_S = 5.0
 #: The plaintext health port's receive limit: a health request is a few bytes.
 HEALTH_MAX_MESSAGE_BYTES = 4096
 #: Addresses that mean "every interface".
@@ -323,6 +325,12 @@ class GramstyleServer:
         self.messages = MessageBudget(message_budget, max_message_bytes, message_timeout_s,
                                       on_change=self.metrics.message_bytes.set)
         self.metrics.message_budget.set(message_budget)
+        # Health on the main port: its own two receipts, so that uploads filling the message
+        # budget never delay a probe (which the plaintext --health-port avoids altogether:
+        # it accepts 4 KiB).
+        self.health_messages = MessageBudget(2 * RECEIVE_FACTOR * max_message_bytes,
+                                             max_message_bytes,
+                                             min(message_timeout_s, HEALTH_MESSAGE_TIMEOUT_S))
         self.work = WorkQueue(workers, queue_size, memory_budget=memory_budget,
                               on_change=self.metrics.set_load)
         self.service = StyleTransferService(
@@ -381,7 +389,7 @@ class GramstyleServer:
         if self.tokens is not None:  # after the log: refused calls are logged and counted
             interceptors.append(AuthInterceptor(self.tokens, self.public_reflection))
         # Innermost: a refused call's message is never read.
-        interceptors.append(MessageBudgetInterceptor(self.messages))
+        interceptors.append(MessageBudgetInterceptor(self.messages, self.health_messages))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -20,6 +20,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from gramstyle.server import interceptors
@@ -134,6 +135,12 @@ def test_calls_beyond_the_message_budget_wait_for_it(random_engine):
         withheld = _withhold(channel, hold)
         time.sleep(0.3)
         assert server.messages.reserved == RECEIVE_FACTOR * max_message
+        # Health has a budget of its own: a full message budget never delays a probe.
+        probe = time.monotonic()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - probe < 0.5
         start = time.monotonic()
         try:
             messages = list(stub.Stylize(_request(_png()), timeout=30))
