@@ -4,10 +4,14 @@ Cases are drawn by Hypothesis from the proto descriptors themselves (every field
 request message, by type: edge-case numbers, NaN and infinities, unknown enum values,
 long and non-ASCII strings, layer names and indices), with image fields filled from a corpus
 of hostile images (truncated, header bombs, 16-bit, CMYK, EXIF-rotated, animated, huge
-metadata chunks, formats outside the allowlist, random bytes), and about a third of the
-messages then mutated at the byte level (bit flips, truncation, insertions, splices). Each
-case is sent as raw bytes to one of Stylize, ComputeLosses, GetServerInfo, health Check or
-reflection, with a 10 s deadline.
+metadata chunks, formats outside the allowlist, random bytes, and issue 18's container bombs:
+progressive-JPEG scan bombs, JPEG segment bombs, PNG chunk bombs), and about a third of the
+messages then mutated at the byte level (bit flips, truncation, insertions, splices). Every
+numeric field also gets the extremes of its type: float32 and float64 limits, just past
+float32's, the smallest normals, subnormals and +-0. Some messages carry a large unknown
+field, and some are sent gzip-compressed (refused UNIMPLEMENTED). Each case is sent as raw
+bytes to one of Stylize, ComputeLosses, GetServerInfo, health Check or reflection, with a
+10 s deadline.
 
 A healthy server answers every case with a status that names the caller's mistake (or OK):
 never INTERNAL or UNKNOWN, never a hang (DEADLINE_EXCEEDED at 10 s), and it is still SERVING
@@ -94,6 +98,40 @@ def _with_chunk(png: bytes, chunk: bytes) -> bytes:
     return png[:33] + chunk + png[33:]
 
 
+def scan_bomb(image: Image.Image, scans: int) -> bytes:
+    """A progressive JPEG of ``image`` whose last Huffman table and scan are repeated until
+    it has ``scans`` scans (issue 18: 4096 x 4096 with 3,000 held a worker 29 s)."""
+    data = _encode(image, "JPEG", progressive=True, quality=90)
+    end = data.rindex(b"\xff\xd9")
+    table = data.rindex(b"\xff\xc4", 0, data.rindex(b"\xff\xda"))
+    extra = max(0, scans - data.count(b"\xff\xda"))
+    return data[:end] + data[table:end] * extra + data[end:]
+
+
+def chunk_bomb(png: bytes, chunks: int) -> bytes:
+    """``png`` with ``chunks`` empty ancillary chunks after IHDR (issue 18: 5,200,000 of them
+    starved the header probes)."""
+    return _with_chunk(png, _png_chunk(b"teXt", b"") * chunks)
+
+
+def segment_bomb(jpeg: bytes, segments: int) -> bytes:
+    """``jpeg`` with ``segments`` tiny COM segments after SOI."""
+    return jpeg[:2] + b"\xff\xfe\x00\x04hi" * segments + jpeg[2:]
+
+
+def unknown_field(size: int, number: int = 1000) -> bytes:
+    """A length-delimited field ``number`` of ``size`` zero bytes: unknown to every request
+    (issue 18: a 60 MB one was estimated at 77 MiB and peaked at 183 MiB)."""
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+    return varint(number << 3 | 2) + varint(size) + bytes(size)
+
+
 @functools.cache
 def hostile_images() -> tuple[bytes, ...]:
     """The corpus: small valid images of every allowed format and mode, and hostile ones."""
@@ -130,6 +168,10 @@ def hostile_images() -> tuple[bytes, ...]:
         b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
         _encode(rgb, "PPM"), _encode(rgb, "TGA"), _encode(rgb, "ICO"),
         b"", b"\x00", bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
+        # Issue 18's container bombs, small: refused from their structure.
+        scan_bomb(rgb, 40), scan_bomb(rgb, 32), segment_bomb(jpeg, 1100),
+        chunk_bomb(png, 20_000), chunk_bomb(png, 1000),
+        _with_chunk(png, _png_chunk(b"tEXt", b"k\x00" + b"t" * 2**20)),
     ]
     return tuple(corpus)
 
@@ -140,10 +182,16 @@ def hostile_images() -> tuple[bytes, ...]:
 _INTS = st.one_of(st.integers(-3, 80), st.sampled_from(
     [0, 1, -1, 16, 17, 32, 48, 64, 65, 2048, 10_000, 10_001, 2**31 - 1, -(2**31)]))
 _INT64 = st.one_of(_INTS, st.sampled_from([2**63 - 1, -(2**63)]))
+#: The extremes of float32 and float64, each sign: the largest finite, just past float32's
+#: (3.5e38 overflowed torch.full in float32), the smallest normal, the smallest subnormal,
+#: a subnormal, and zero.
+FLOAT_EXTREMES = tuple(sign * value for value in (
+    3.4028234663852886e38, 3.5e38, 1.7976931348623157e308, 1.1754943508222875e-38,
+    2.2250738585072014e-308, 1.401298464324817e-45, 5e-324, 1e-40, 1e6, 0.0)
+    for sign in (1, -1))
 _FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                    st.floats(0, 10), st.sampled_from(
-                        [0.0, -0.0, 1.0, 1e-300, 1e300, 5e-324, 1e-40, 1.1754943508222875e-38,
-                         3.4028234663852886e38, 3.5e38, 1e6, 1.7976931348623157e308]))
+                    st.floats(0, 10), st.sampled_from([0.0, -0.0, 1.0, 1e-300, 1e300]),
+                    st.sampled_from(FLOAT_EXTREMES))
 _NAMES = st.one_of(st.sampled_from(LAYERS), st.text(max_size=20),
                    st.builds(lambda n, c: c * n, st.integers(1, 20_000), st.sampled_from("x9é")))
 #: Valid images half of the time, so that cases get past the image checks.
@@ -186,9 +234,9 @@ def _generic(field: FieldDescriptor) -> st.SearchStrategy:
              FieldDescriptor.TYPE_SFIXED64):
         return _INT64
     if t in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
-        return st.integers(0, 2**32 - 1)
+        return st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**32 - 1]))
     if t in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64):
-        return st.integers(0, 2**64 - 1)
+        return st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**64 - 1]))
     return _INTS
 
 
@@ -265,9 +313,13 @@ class Case:
     payload: bytes
     streaming_response: bool = False
     streaming_request: bool = False
+    #: Sent gzip-compressed (the server refuses compressed requests: UNIMPLEMENTED).
+    compressed: bool = False
 
     def __repr__(self) -> str:  # Hypothesis prints failing cases
-        return f"Case({self.method!r}, {len(self.payload)} bytes: {self.payload[:120]!r}...)"
+        gzip = ", gzip" if self.compressed else ""
+        return (f"Case({self.method!r}, {len(self.payload)} bytes{gzip}: "
+                f"{self.payload[:120]!r}...)")
 
 
 _METHODS = [
@@ -296,7 +348,11 @@ def cases(draw: Callable) -> Case:
     payload = msg.SerializeToString()
     if draw(st.integers(0, 2)) == 0:
         payload = draw(mutated(payload))
-    return Case(path, payload, out_stream, in_stream)
+    # (sampled_from, not integers: Hypothesis draws an integer's bounds far more often.)
+    if draw(st.sampled_from((False,) * 19 + (True,))):  # a field the server does not know
+        payload += unknown_field(draw(st.sampled_from([1, 2**16, 2**20, 4 * 2**20])))
+    compressed = draw(st.sampled_from((False,) * 29 + (True,)))
+    return Case(path, payload, out_stream, in_stream, compressed=compressed)
 
 
 # ---------------------------------------------------------------------------- sending
@@ -304,16 +360,19 @@ def cases(draw: Callable) -> Case:
 
 def send(channel: grpc.Channel, case: Case, deadline: float = DEADLINE_S) -> str:
     """Send one case; the status code name (OK, INVALID_ARGUMENT, ...)."""
+    gzip = grpc.Compression.Gzip if case.compressed else None
     try:
         if case.streaming_request:
-            call = channel.stream_stream(case.method)(iter([case.payload]), timeout=deadline)
+            call = channel.stream_stream(case.method)(iter([case.payload]), timeout=deadline,
+                                                      compression=gzip)
             for _ in call:
                 pass
         elif case.streaming_response:
-            for _ in channel.unary_stream(case.method)(case.payload, timeout=deadline):
+            for _ in channel.unary_stream(case.method)(case.payload, timeout=deadline,
+                                                       compression=gzip):
                 pass
         else:
-            channel.unary_unary(case.method)(case.payload, timeout=deadline)
+            channel.unary_unary(case.method)(case.payload, timeout=deadline, compression=gzip)
     except grpc.RpcError as exc:
         return exc.code().name
     return "OK"

@@ -37,6 +37,7 @@ from gramstyle.options import (
     MAX_SIZE,
     POOLINGS,
 )
+from gramstyle.server.message_budget import DEFAULT_ARRIVAL_TIMEOUT_S
 from gramstyle.sizes import parse_size
 
 T = TypeVar("T")
@@ -251,6 +252,22 @@ class ServeConfig:
         parse=parse_size, low=1, high=_MAX_MEMORY, metavar="SIZE", range_text="up to 1 PiB",
         default_text="80% of the machine's (or container's) memory, less the loaded models "
                      "and the target cache")
+    #: What request messages in flight (being received, or parsed and held by their calls)
+    #: may add up to, bytes, besides the memory budget (None: see
+    #: :func:`gramstyle.server.message_budget.default_message_budget`).
+    message_budget: int | None = _setting(
+        None, "--message-budget",
+        "what the request messages in flight may hold besides the memory budget: each "
+        "message being received reserves 3 x --max-message-mb and, once parsed, 3 x its size "
+        "until its call ends (queued calls included); calls beyond it wait, up to "
+        "--message-timeout", parse=parse_size, low=1, high=_MAX_MEMORY, metavar="SIZE",
+        range_text="up to 1 PiB",
+        default_text="25% of the memory budget, at least six times the message limit")
+    #: Seconds a request message may take to arrive (the wait for the message budget too).
+    message_timeout_s: float = _setting(
+        DEFAULT_ARRIVAL_TIMEOUT_S, "--message-timeout",
+        "how long a request message may take to arrive, the wait for the message budget "
+        "included", parse=float, low=0.1, high=_MAX_SECONDS, metavar="SECONDS")
     max_concurrent_streams: int = _setting(
         DEFAULT_MAX_CONCURRENT_STREAMS, "--max-concurrent-streams",
         "streams one client connection may have open at once (HTTP/2 "

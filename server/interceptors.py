@@ -193,6 +193,19 @@ async def _internal(context: Any, call: _Call, exc: BaseException) -> None:
                         f"internal error (request id {call.request_id}); see the server log")
 
 
+def _forgotten(exc: grpc.aio.AbortError) -> grpc.aio.AbortError:
+    """``exc`` without its traceback and the exception it was raised during. grpc.aio keeps
+    an abort's exception on the call's state, and the call's context is a local of the
+    frames in that traceback: a cycle that kept each refused request (up to the message
+    limit) alive until a full garbage collection. Without the frames -- and the handler's
+    own ImageError, whose traceback holds the closure that read the request -- nothing of
+    the request is reachable from the call."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
 async def _checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
     """A request stream whose malformed messages end the call."""
     async for request in requests:
@@ -224,8 +237,9 @@ def _wrap(behavior: Callable, call_of: Callable[[], _Call], streaming_request: b
                 # (deadline or cancel) -- not a success.
                 cancelled = True
                 raise
-            except grpc.aio.AbortError:
-                raise
+            except grpc.aio.AbortError as exc:
+                request = None  # this frame is in the abort's traceback
+                raise _forgotten(exc) from None
             except Exception as exc:  # noqa: BLE001 -- a bug: INTERNAL, logged once
                 await _internal(context, call, exc)
             finally:
@@ -244,8 +258,9 @@ def _wrap(behavior: Callable, call_of: Callable[[], _Call], streaming_request: b
         except asyncio.CancelledError:
             cancelled = True
             raise
-        except grpc.aio.AbortError:
-            raise
+        except grpc.aio.AbortError as exc:
+            request = None  # this frame is in the abort's traceback
+            raise _forgotten(exc) from None
         except Exception as exc:  # noqa: BLE001 -- a bug: INTERNAL, logged once
             await _internal(context, call, exc)
         finally:

@@ -24,6 +24,12 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
 - **optimiser**: L-BFGS keeps ``min(iterations, LBFGS_HISTORY)`` curvature pairs, each two
   copies of the image (12 bytes per pixel each), plus a few working copies; Adam two
   moments;
+- **message**: the parsed request itself (every field, unknown ones included: a caller may
+  pad a message with fields this server does not know), and the metadata Pillow reads into
+  memory with each image (PNG text chunks, JPEG APPn segments: the bytes, the decoded
+  strings and their copy in the image's ``info``, ``METADATA_COPIES`` in all); the messages
+  of queued requests, and of those still arriving, are held to the message budget
+  (server/message_budget.py);
 - **output**: the output image, its encoding and the response message (and for
   ComputeLosses the float32 gradient and its copies).
 
@@ -57,6 +63,12 @@ MARGIN = 1.25
 _WIDE_MODES = {"RGBA", "LA", "PA", "P", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "1"}
 _RGB_TENSOR = 12  # float32 [1, 3, H, W], bytes per pixel
 _PIL_RGB = 4  # Pillow stores RGB as 32 bits per pixel
+#: Copies of an image's metadata while it is decoded (see the module doc).
+METADATA_COPIES = 3
+#: Bytes per byte of the serialized request while it is parsed and held: protobuf's arena
+#: grows by doubling (measured: a 48 MiB message peaked at 2.9 x its size with a small
+#: Stylize, tests/server/test_memory_estimate_extras.py).
+MESSAGE_COPIES = 3
 
 
 @dataclass
@@ -193,11 +205,16 @@ def _resized_inputs(images: Mapping[str, Sequence[ImageHeader]], width: int, hei
     return kept, transients
 
 
-def _held(images: Mapping[str, Sequence[ImageHeader]], encoded: int) -> tuple[int, int]:
-    """(held, transient) bytes of the inputs as images: the encoded bytes and every decoded
-    image (held for the run), and the largest one's decoding transient."""
+def _held(images: Mapping[str, Sequence[ImageHeader]], encoded: int, message: int = 0
+          ) -> tuple[int, int]:
+    """(held, transient) bytes of the inputs as images. Held for the whole request: the
+    parsed message, two copies of the encoded images (the job's list of them, the
+    decoder's), each image's metadata copies and its decoded RGB pixels; transient: the
+    largest one's decoding."""
     headers = [h for each in images.values() for h in each]
-    return 2 * encoded + sum(_PIL_RGB * h.pixels for h in headers), _decoding(headers)
+    held = (MESSAGE_COPIES * message + 2 * encoded
+            + sum(METADATA_COPIES * h.metadata_bytes + _PIL_RGB * h.pixels for h in headers))
+    return held, _decoding(headers)
 
 
 def _decoding(headers: Sequence[ImageHeader]) -> int:
@@ -254,13 +271,13 @@ def _peak(phases: dict[str, dict[str, int]]) -> Estimate:
 def estimate_stylize(extractor: nn.Module, options: StyleOptions,
                      contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
                      others: Mapping[str, Sequence[ImageHeader]] | None = None,
-                     encoded: int = 0) -> Estimate:
+                     encoded: int = 0, message: int = 0) -> Estimate:
     """Peak bytes of a Stylize with validated ``options``; ``others``: the headers of the
     request's other image inputs by name (see :mod:`gramstyle.inputs`); ``encoded``: the
-    request's image bytes."""
+    request's image bytes; ``message``: the parsed request's size (``ByteSize()``)."""
     element = _element(options)
     inputs = {"content": list(contents), "style": list(styles), **(others or {})}
-    images, decoding = _held(inputs, encoded)
+    images, decoding = _held(inputs, encoded, message)
     phases = {"decode": {"images": images + decoding}}
     previous = 0  # the coarser scale's targets, held while the next ones are built
     for k, side in enumerate(scale_sizes(options.size, options.scales)):
@@ -284,16 +301,17 @@ def estimate_stylize(extractor: nn.Module, options: StyleOptions,
 def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: ImageHeader,
                     contents: Sequence[ImageHeader], styles: Sequence[ImageHeader],
                     gradient: bool, encoded: int = 0,
-                    others: Mapping[str, Sequence[ImageHeader]] | None = None) -> Estimate:
+                    others: Mapping[str, Sequence[ImageHeader]] | None = None,
+                    message: int = 0) -> Estimate:
     """Peak bytes of a ComputeLosses with validated ``options``, for a candidate of this
-    header (it fixes the size); ``encoded``: the request's image bytes; ``others`` as in
-    :func:`estimate_stylize`."""
+    header (it fixes the size); ``encoded``: the request's image bytes; ``others`` and
+    ``message`` as in :func:`estimate_stylize`."""
     element = _element(options)
     width, height = candidate.width, candidate.height
     pixels = width * height
     inputs = {"candidate": [candidate], "content": list(contents), "style": list(styles),
               **(others or {})}
-    images, decoding = _held(inputs, encoded)
+    images, decoding = _held(inputs, encoded, message)
     kept, transient = _targets(extractor, options, inputs, width, height, element)
     kept += 2 * _RGB_TENSOR * pixels  # the candidate as a tensor
     if gradient:

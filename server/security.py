@@ -21,6 +21,17 @@
 A file that cannot be read or checked at start-up raises ValueError naming the option and
 the file (``tls_cert: cannot read 'x.pem': ...``; the CLI turns it into ``--tls-cert: ...``,
 exit 2). At a reload the previous files stay in use and the problem is logged.
+
+Certificates: a leaf that has expired, is not valid yet, or does not match its key is
+refused, at start-up and at a reload (the previous one stays; the log and
+``gramstyle_tls_reload_failures_total{reason}`` say why), and
+``gramstyle_tls_certificate_expiry_seconds`` counts down to the served one's ``notAfter``.
+
+Token file at a reload: an empty list (no token lines) is valid and revokes every token. A
+file that is missing or unreadable keeps the last list for ``TOKEN_FILE_GRACE_S`` seconds --
+a Kubernetes Secret volume swaps its files with an atomic rename of a symlink, so a correct
+update never shows a missing file for longer than that -- and then fails closed: every call
+but health is refused until the file is back.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import os
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +66,8 @@ SERVER_INFO_METHOD = "/gramstyle.v1.StyleTransferService/GetServerInfo"
 #: How often (s) at most the files are checked for changes on disk; a check is one stat()
 #: per file, made at a TLS handshake or a call.
 CHANGE_CHECK_INTERVAL_S = 1.0
+#: How long (s) a token file may be missing or unreadable before every token is revoked.
+TOKEN_FILE_GRACE_S = 5.0
 
 _PEM_MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----",
                 "private key": b"PRIVATE KEY-----"}
@@ -127,6 +141,46 @@ class _Pem:
     cert: bytes
     key: bytes
     client_ca: bytes | None
+    #: The leaf certificate's notAfter, seconds since the epoch.
+    not_after: float = 0.0
+
+
+class CertificateRefused(FieldError):
+    """A certificate or key file that fails its checks: ``field`` the setting
+    (``tls_cert``, ``tls_key``, ``tls_client_ca``), ``reason`` the metric label
+    (``unreadable``, ``invalid``, ``expired``, ``not_yet_valid``, ``key_mismatch``)."""
+
+    def __init__(self, field: str, problem: str, reason: str):
+        super().__init__(field, problem)
+        self.reason = reason
+
+    @classmethod
+    def unreadable(cls, error: FieldError) -> CertificateRefused:
+        return cls(error.field, error.problem, "unreadable")
+
+
+def _validity(cert: bytes, path: Path, now: float | None = None) -> float:
+    """The leaf certificate's notAfter (epoch seconds); raises CertificateRefused when it
+    has expired or is not valid yet."""
+    from cryptography import x509  # the server extra's; imported where certificates are
+
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError as exc:
+        raise CertificateRefused("tls_cert", f"{str(path)!r} holds no valid PEM certificate "
+                                 f"({exc})", "invalid") from None
+    now = time.time() if now is None else now
+    before = leaf.not_valid_before_utc.timestamp()
+    after = leaf.not_valid_after_utc.timestamp()
+    if now < before:
+        raise CertificateRefused(
+            "tls_cert", f"{str(path)!r} is not valid yet (from "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC)", "not_yet_valid")
+    if now > after:
+        raise CertificateRefused(
+            "tls_cert", f"{str(path)!r} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} "
+            f"UTC", "expired")
+    return after
 
 
 class TlsFiles(_Watched):
@@ -149,6 +203,14 @@ class TlsFiles(_Watched):
         super().__init__(tuple(p for p in (self.cert, self.key, self.client_ca) if p))
         self._pem = self._load()
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        #: Refused reloads by reason (expired, not_yet_valid, key_mismatch, invalid,
+        #: unreadable), for the metrics.
+        self.reload_failures: Counter[str] = Counter()
+
+    @property
+    def not_after(self) -> float:
+        """The served leaf certificate's notAfter (epoch seconds)."""
+        return self._pem.not_after
 
     @property
     def pem(self) -> _Pem:
@@ -162,33 +224,41 @@ class TlsFiles(_Watched):
         return self.client_ca is not None
 
     def _load(self) -> _Pem:
-        cert = _read_pem(self.cert, "tls_cert", "certificate")
-        key = _read_pem(self.key, "tls_key", "private key")
+        try:
+            cert = _read_pem(self.cert, "tls_cert", "certificate")
+            key = _read_pem(self.key, "tls_key", "private key")
+        except FieldError as exc:
+            raise CertificateRefused.unreadable(exc) from None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:  # the chain alone first, so that an error names the right file
             context.load_verify_locations(cadata=cert.decode("ascii", "replace"))
         except (ssl.SSLError, ValueError) as exc:
-            raise FieldError("tls_cert", f"{str(self.cert)!r} holds no valid PEM certificate "
-                             f"({exc})") from None
+            raise CertificateRefused("tls_cert", f"{str(self.cert)!r} holds no valid PEM "
+                                     f"certificate ({exc})", "invalid") from None
+        not_after = _validity(cert, self.cert)
         try:
             context.load_cert_chain(self.cert, self.key, password=_no_password)
         except OSError as exc:
+            mismatch = "KEY_VALUES_MISMATCH" in str(exc)
             reason = ("it is not the private key of the certificate in "
-                      f"{str(self.cert)!r}" if "KEY_VALUES_MISMATCH" in str(exc)
-                      else "it is not a valid PEM private key")
-            raise FieldError("tls_key", f"{str(self.key)!r}: {reason} ({exc})") from None
+                      f"{str(self.cert)!r}" if mismatch else "it is not a valid PEM private key")
+            raise CertificateRefused("tls_key", f"{str(self.key)!r}: {reason} ({exc})",
+                                     "key_mismatch" if mismatch else "invalid") from None
         except ValueError as exc:  # _no_password
-            raise FieldError("tls_key", f"{str(self.key)!r}: {exc}") from None
+            raise CertificateRefused("tls_key", f"{str(self.key)!r}: {exc}", "invalid") from None
         ca = None
         if self.client_ca is not None:
-            ca = _read_pem(self.client_ca, "tls_client_ca", "certificate")
+            try:
+                ca = _read_pem(self.client_ca, "tls_client_ca", "certificate")
+            except FieldError as exc:
+                raise CertificateRefused.unreadable(exc) from None
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
                     cadata=ca.decode("ascii", "replace"))
             except (ssl.SSLError, ValueError) as exc:
-                raise FieldError("tls_client_ca", f"{str(self.client_ca)!r} holds no valid PEM "
-                                 f"certificate ({exc})") from None
-        return _Pem(cert, key, ca)
+                raise CertificateRefused("tls_client_ca", f"{str(self.client_ca)!r} holds no "
+                                         f"valid PEM certificate ({exc})", "invalid") from None
+        return _Pem(cert, key, ca, not_after)
 
     def _configuration(self, pem: _Pem) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(pem.key, pem.cert)],
@@ -207,8 +277,10 @@ class TlsFiles(_Watched):
             self._mark_seen()
             try:
                 pem = self._load()
-            except ValueError as exc:
-                log.error("TLS files not reloaded, the previous ones stay in use: %s", exc)
+            except CertificateRefused as exc:
+                self.reload_failures[exc.reason] += 1
+                log.error("TLS files not reloaded (%s), the previous ones stay in use: %s",
+                          exc.reason, exc)
                 return False
             changed = pem != self._pem
             self._pem = pem
@@ -243,18 +315,23 @@ class TokenStore(_Watched):
     starting with ``#`` are skipped; a token is printable ASCII without spaces.
 
     Raises ValueError (``auth_tokens: ...``, naming the file and a line number, never a
-    token) when the file cannot be read, holds a malformed line or no token.
+    token) when the file cannot be read, holds a malformed line or no token. At a reload an
+    empty list is valid (it revokes every token), and a missing or unreadable file keeps the
+    last list for ``grace_s`` seconds, then revokes every token until it is back.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], grace_s: float = TOKEN_FILE_GRACE_S):
         self.path = Path(path)
+        self.grace_s = grace_s
         super().__init__((self.path,))
-        self._digests = self._load()
+        self._digests = self._load(allow_empty=False)
+        #: When the file was first found missing or unreadable (monotonic s), else None.
+        self._missing_since: float | None = None
 
     def __len__(self) -> int:
         return len(self._digests)
 
-    def _load(self) -> tuple[bytes, ...]:
+    def _load(self, allow_empty: bool = True) -> tuple[bytes, ...]:
         text = _read(self.path, "auth_tokens")
         digests = []
         for number, raw in enumerate(text.splitlines(), 1):
@@ -265,29 +342,69 @@ class TokenStore(_Watched):
                 raise FieldError("auth_tokens", f"{str(self.path)!r} line {number}: a token must "
                                  f"be printable ASCII without spaces (the line is not shown)")
             digests.append(_digest(line))
-        if not digests:
+        if not digests and not allow_empty:
             raise FieldError("auth_tokens", f"{str(self.path)!r} holds no token (one per line; "
                              f"'#' starts a comment)")
         return tuple(dict.fromkeys(digests))
 
     def reload(self) -> bool:
-        """Re-read the file; on a problem keep the previous tokens and log it. Returns
-        whether the new list was taken."""
+        """Re-read the file. An empty list is taken (it revokes every token). A malformed
+        file keeps the previous tokens; a missing or unreadable one keeps them for
+        ``grace_s`` seconds (see :meth:`_expire`). Logs what happened; returns whether a new
+        list was taken."""
         with self._lock:
             self._mark_seen()
             try:
+                self.path.stat()
                 digests = self._load()
+            except OSError as exc:  # stat: missing
+                return self._unreadable(f"auth_tokens: {str(self.path)!r}: "
+                                        f"{exc.strerror or exc}")
             except ValueError as exc:
+                if "cannot read" in str(exc):
+                    return self._unreadable(str(exc))
                 log.error("tokens not reloaded, the previous ones stay in use: %s", exc)
                 return False
             self._digests = digests
-        log.info("%d bearer token(s) loaded from %s", len(digests), self.path)
+            self._missing_since = None
+        if digests:
+            log.info("%d bearer token(s) loaded from %s", len(digests), self.path)
+        else:
+            log.warning("no bearer token in %s: every call but health is refused", self.path)
         return True
+
+    def _unreadable(self, problem: str) -> bool:
+        """The file is missing or unreadable (call with the lock held)."""
+        if self._missing_since is None:
+            self._missing_since = time.monotonic()
+            log.error("%s; the previous tokens stay in use for %g s, then every call is "
+                      "refused until the file is back", problem, self.grace_s)
+        return False
+
+    def _expire(self) -> None:
+        """Fail closed once the file has been missing or unreadable for ``grace_s``; before
+        that, try it again every check interval (a Secret's swap puts it back)."""
+        since = self._missing_since
+        if since is None:
+            return
+        if time.monotonic() - since < self.grace_s:
+            if self.changed_on_disk():
+                self.reload()
+            return
+        with self._lock:
+            if self._digests:
+                self._digests = ()
+                log.error("auth_tokens: %s has been missing or unreadable for %g s: every "
+                          "token is revoked until it is back", self.path, self.grace_s)
+        if self.changed_on_disk():
+            self.reload()
 
     def accepts(self, authorization: str | bytes | None) -> bool:
         """Whether an ``authorization`` metadata value is ``Bearer <an accepted token>``
         (the scheme in any case). Constant time in which token matched."""
-        if self.changed_on_disk():
+        if self._missing_since is not None:
+            self._expire()
+        elif self.changed_on_disk():
             self.reload()
         if isinstance(authorization, str):
             authorization = authorization.encode("utf-8", "replace")
@@ -308,22 +425,27 @@ def _authorization(metadata: Any) -> str | bytes | None:
     return values[0] if len(values) == 1 else None  # two headers: ambiguous, refuse
 
 
+async def _refuse(context: Any) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """``handler`` with every behavior replaced by an UNAUTHENTICATED answer (same kind, same
-    (de)serializers, so that streaming methods answer as streams)."""
+    """``handler`` answering UNAUTHENTICATED without reading the request: every kind becomes
+    *request-streaming* (grpc.aio then reads no message until asked, and this never asks),
+    so a refused caller's message -- up to the receive limit -- is never received or parsed;
+    the response side keeps its kind, so that streaming methods answer as streams."""
 
-    async def unary(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    async def unary(requests: Any, context: Any) -> Any:
+        await _refuse(context)
 
-    async def stream(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    async def stream(requests: Any, context: Any) -> Any:
+        await _refuse(context)
         yield  # pragma: no cover -- makes this an async generator, as the kind expects
 
-    replaced = {}
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        if getattr(handler, kind) is not None:
-            replaced[kind] = stream if kind.endswith("_stream") else unary
-    return handler._replace(**replaced)
+    streaming = handler.response_streaming
+    return handler._replace(request_streaming=True, unary_unary=None, unary_stream=None,
+                            stream_unary=None if streaming else unary,
+                            stream_stream=stream if streaming else None)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

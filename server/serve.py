@@ -53,6 +53,12 @@ from gramstyle.server.health import HealthServicer
 from gramstyle.server.interceptors import RequestLogInterceptor
 from gramstyle.server.listen import bind_problem, default_metrics_host
 from gramstyle.server.logs import configure_logging, log_loop_error
+from gramstyle.server.message_budget import (
+    RECEIVE_FACTOR,
+    MessageBudget,
+    MessageBudgetInterceptor,
+    default_message_budget,
+)
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import (
     AuthInterceptor,
@@ -70,6 +76,10 @@ log = logging.getLogger(__name__)
 #: How long calls in flight on an aged-out connection may still run before it is closed (s):
 #: an hour, longer than any sane Stylize deadline, so that ageing never cuts a call.
 MAX_CONNECTION_AGE_GRACE_S = 3600.0
+#: Seconds a health request's message may take to arrive on the main port.
+HEALTH_MESSAGE_TIMEOUT_S = 5.0
+#: The plaintext health port's receive limit: a health request is a few bytes.
+HEALTH_MAX_MESSAGE_BYTES = 4096
 
 
 # ---------------------------------------------------------------------------- the server
@@ -112,11 +122,27 @@ class GramstyleServer:
         self.http_port: int | None = None
         self.metrics = Metrics()
         self.metrics.watch_target_caches(e.target_cache for e in engines)
+        if tls is not None:
+            self.metrics.watch_tls(tls)
         memory_budget = config.memory_budget
         if memory_budget is None:
             caches = {id(e.target_cache): e.target_cache for e in engines}.values()
             memory_budget = default_memory_budget(sum(c.max_bytes for c in caches))
         self.metrics.memory_budget.set(memory_budget)
+        message_budget = config.message_budget
+        if message_budget is None:
+            message_budget = default_message_budget(memory_budget, config.max_message_bytes)
+        self.messages = MessageBudget(message_budget, config.max_message_bytes,
+                                      config.message_timeout_s,
+                                      on_change=self.metrics.message_bytes.set)
+        self.metrics.message_budget.set(message_budget)
+        # Health on the main port: its own two receipts, so that uploads filling the message
+        # budget never delay a probe (which the plaintext --health-port avoids altogether:
+        # it accepts 4 KiB).
+        self.health_messages = MessageBudget(2 * RECEIVE_FACTOR * config.max_message_bytes,
+                                             config.max_message_bytes,
+                                             min(config.message_timeout_s,
+                                                 HEALTH_MESSAGE_TIMEOUT_S))
         self.work = WorkQueue(config.workers, config.queue_size, memory_budget=memory_budget,
                               on_change=self.metrics.set_load)
         self.service = StyleTransferService(
@@ -178,12 +204,19 @@ class GramstyleServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor(self.metrics)]
         if self.tokens is not None:  # after the log: refused calls are logged and counted
             interceptors.append(AuthInterceptor(self.tokens, self.public_reflection))
+        # Innermost: a refused call's message is never read.
+        interceptors.append(MessageBudgetInterceptor(self.messages, self.health_messages))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_concurrent_streams", streams),
+                # Identity only: a compressed request is refused (UNIMPLEMENTED "Compression
+                # algorithm 'gzip' is disabled") from its headers, before it is read; 61 KB
+                # of gzip on the wire was 60 MiB in memory. gramstyle's clients never
+                # compress.
+                ("grpc.compression_enabled_algorithms_bitset", 1),
                 # gRPC sets SO_REUSEPORT by default, so a second server on a busy port would
                 # start and share it; fail instead.
                 ("grpc.so_reuseport", 0),
@@ -215,8 +248,11 @@ class GramstyleServer:
         """The plaintext health-only listener (kubelet gRPC probes cannot do TLS). It shares
         the main server's health servicer, so it answers exactly what the main port would,
         NOT_SERVING during the drain included."""
-        server = grpc.aio.server(interceptors=[RequestLogInterceptor(self.metrics)],
-                                 options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=[RequestLogInterceptor(self.metrics)],
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                     ("grpc.compression_enabled_algorithms_bitset", 1)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")

@@ -35,6 +35,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -44,6 +45,7 @@ import grpc
 import gramstyle
 from gramstyle import codec
 from gramstyle.engine.optimise import LBFGS_HISTORY
+from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.errors import FieldError, ModelNotLoaded, QueueFull, ShuttingDown
 from gramstyle.images import ImageHeader, probe_image
@@ -205,19 +207,41 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         raise FieldError(field, f"the request needs {estimate.describe()}, over this "
                          f"server's limit of {format_size(limit)} per request; {advice}")
 
-    async def _headers_of(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (which reads image headers) on the header pool, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._headers, fn)
+    async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
+        """``fn(stopped)`` (which reads image headers) on the header pool, off the event loop.
+        ``stopped()`` turns true at the caller's deadline or when it leaves, so that a probe
+        of many images stops there (one image's probe is bounded by images.check_structure);
+        a probe still waiting for a pool thread then never starts."""
+        gone = threading.Event()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
 
-    def _probe(self, rpc: str, images: dict[str, list[bytes]], engine: StyleTransfer
-               ) -> dict[str, list[ImageHeader]]:
+        def stopped() -> bool:
+            return gone.is_set() or (deadline is not None and time.monotonic() > deadline)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._headers, fn, stopped)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
+
+    def _probe(self, rpc: str, images: dict[str, list[bytes]], engine: StyleTransfer,
+               stopped: Callable[[], bool]) -> dict[str, list[ImageHeader]]:
         """The headers of the inputs declared to be probed, by input name, in the order they
         are checked (:func:`gramstyle.inputs.check_order`): allowed format, pixel limit, and
-        for the input that sets the output size (the candidate) ``max_size``."""
-        return {entry.name: [probe_image(data, entry.error_field(i), engine.max_pixels,
-                                         max_side=engine.max_size if entry.sets_size else None)
-                             for i, data in enumerate(images[entry.name])]
-                for entry in check_order(rpc) if entry.probed}
+        for the input that sets the output size (the candidate) ``max_size``. Raises
+        Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
+        headers: dict[str, list[ImageHeader]] = {}
+        for entry in check_order(rpc):
+            if not entry.probed:
+                continue
+            headers[entry.name] = []
+            for i, data in enumerate(images[entry.name]):
+                if stopped():
+                    raise Cancelled("the call ended while its image headers were read")
+                headers[entry.name].append(probe_image(
+                    data, entry.error_field(i), engine.max_pixels,
+                    max_side=engine.max_size if entry.sets_size else None))
+        return headers
 
     def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:
         return self.work.submit(job, memory=estimate.total)
@@ -236,15 +260,15 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             images = codec.request_images(request)
             self._count(images)
 
-            def plan() -> memory.Estimate:
-                headers = self._probe("Stylize", images, engine)
+            def plan(stopped: Callable[[], bool]) -> memory.Estimate:
+                headers = self._probe("Stylize", images, engine, stopped)
                 return memory.estimate_stylize(
                     engine.extractor, options, headers.pop("content"), headers.pop("style"),
-                    headers, _encoded(images))
+                    headers, _encoded(images), message=request.ByteSize())
 
-            estimate = await self._headers_of(plan)
+            estimate = await self._headers_of(plan, context)
             self._fits(estimate, options, losses=False)
-        except ValueError as exc:  # FieldError (ModelNotLoaded, ImageError ...) and the like
+        except (ValueError, Cancelled) as exc:  # FieldError (ModelNotLoaded, ImageError ...)
             await abort(context, exc)
 
         relay = _Relay(asyncio.get_running_loop())
@@ -286,8 +310,8 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             images = codec.request_images(request)
             self._count(images)
 
-            def plan() -> tuple[memory.Estimate, StyleOptions]:
-                headers = self._probe("ComputeLosses", images, engine)
+            def plan(stopped: Callable[[], bool]) -> tuple[memory.Estimate, StyleOptions]:
+                headers = self._probe("ComputeLosses", images, engine, stopped)
                 (candidate,) = headers.pop("candidate")
                 # The edge, once the candidate's header is read: its long side stands in for
                 # `size` (ComputeLosses runs no iterations, so no iteration limit applies).
@@ -297,11 +321,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                 return memory.estimate_losses(
                     engine.extractor, checked, candidate, headers.pop("content"),
                     headers.pop("style"), request.gradient, _encoded(images),
-                    others=headers), checked
+                    others=headers, message=request.ByteSize()), checked
 
-            estimate, options = await self._headers_of(plan)
+            estimate, options = await self._headers_of(plan, context)
             self._fits(estimate, options, losses=True)
-        except ValueError as exc:  # FieldError (ModelNotLoaded, ImageError ...) and the like
+        except (ValueError, Cancelled) as exc:  # FieldError (ModelNotLoaded, ImageError ...)
             await abort(context, exc)
 
         stop = threading.Event()

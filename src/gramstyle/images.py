@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,34 @@ _SECONDS_PER_PIXEL = 4e-8
 #: as 32 bits per pixel); see :func:`decoded_bytes`.
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
                "I": 4, "F": 4}
+
+#: Most scans (SOS segments) a JPEG may have. libjpeg's progressive script has 10 for colour
+#: images (18 for CMYK), and optimised encoders (mozjpeg) stay under 20; every scan is a pass
+#: over all the pixels inside one decoder call that cannot be interrupted, so a "scan bomb"
+#: of thousands held a worker for half a minute. Measured (bench/image_bombs.py) on a shared
+#: 2-core Xeon: a flat 4096 x 4096 JPEG decodes in 1.3 s with 10 scans, 3.0 s with 32 (the
+#: worst allowed); a 13 MB noise one with 10 scans in 3.7 s. Within the limit the decode
+#: time grows with the file's bytes, and one decode still cannot be interrupted.
+MAX_JPEG_SCANS = 32
+#: Most marker segments a JPEG may have (Pillow parses each one in Python); real files have
+#: a few dozen, an ICC profile split into 64 KiB APP2 segments a few more.
+MAX_JPEG_SEGMENTS = 1024
+#: Most chunks a PNG may have, and most ancillary ones (anything but IHDR, PLTE, IDAT, IEND
+#: and APNG's frame chunks): Pillow parses each chunk in Python, holding the interpreter,
+#: and 5,200,000 empty ones starved the server's header probes for 20 s. Encoders split the
+#: pixels into IDAT chunks of 8 KiB or more: 16,384 chunks hold a 128 MiB image.
+MAX_PNG_CHUNKS = 16384
+MAX_PNG_ANCILLARY_CHUNKS = 1024
+#: Most bytes of metadata (PNG ancillary chunks, JPEG APPn/COM segments) an image may carry:
+#: Pillow reads them into memory (text chunks decoded as strings). ICC profiles and XMP
+#: packets are at most a few MiB.
+MAX_METADATA_BYTES = 16 * 2**20
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"acTL", b"fcTL", b"fdAT"}
+#: The end of a JPEG scan's entropy-coded data: a marker, i.e. 0xFF followed by anything but
+#: a stuffed zero, a restart marker or another 0xFF (fill).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
@@ -108,6 +137,9 @@ class ImageHeader:
     #: the long side stay the same).
     width: int
     height: int
+    #: Bytes of metadata Pillow reads into memory besides the pixels (PNG ancillary chunks,
+    #: JPEG APPn/COM segments); see :func:`check_structure`.
+    metadata_bytes: int = 0
 
     @property
     def pixels(self) -> int:
@@ -142,9 +174,87 @@ def _read_source(source: ImageSource, field: str) -> tuple[bytes, str]:
     return data, what
 
 
+def _png_structure(data: bytes, field: str) -> int:
+    """Walk a PNG's chunk list (lengths and types only); the ancillary bytes."""
+    pos, chunks, ancillary, extra = 8, 0, 0, 0
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageError(field, f"PNG has over {MAX_PNG_CHUNKS} chunks, over the limit "
+                                    f"of {MAX_PNG_CHUNKS}")
+        if kind not in _PNG_CRITICAL:
+            ancillary += 1
+            extra += length
+            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
+                raise ImageError(field, f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary "
+                                        f"(metadata) chunks, over the limit of "
+                                        f"{MAX_PNG_ANCILLARY_CHUNKS}")
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    return extra
+
+
+def _jpeg_structure(data: bytes, field: str) -> int:
+    """Walk a JPEG's marker segments, skipping each scan's entropy-coded data; the bytes of
+    its APPn and COM segments."""
+    pos, segments, scans, extra = 2, 0, 0, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            break  # not a marker: corrupt, Pillow says so
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(field, f"JPEG has over {MAX_JPEG_SEGMENTS} marker segments, "
+                                    f"over the limit of {MAX_JPEG_SEGMENTS}")
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            extra += length
+        pos += 2 + length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(field, f"JPEG has over {MAX_JPEG_SCANS} scans, over the "
+                                        f"limit of {MAX_JPEG_SCANS} (progressive JPEGs have "
+                                        f"about 10)")
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return extra
+
+
+def check_structure(data: bytes, field: str = "image") -> int:
+    """Refuse a PNG or JPEG whose container is built to hold the decoder -- too many chunks,
+    segments or scans, too much metadata -- before Pillow parses any of it (a walk over
+    lengths and markers, milliseconds for the largest message). Returns the metadata bytes
+    Pillow will read into memory (0 for other formats). Raises :class:`ImageError`."""
+    if data.startswith(_PNG_SIGNATURE):
+        extra = _png_structure(data, field)
+    elif data.startswith(b"\xff\xd8"):
+        extra = _jpeg_structure(data, field)
+    else:
+        return 0
+    if extra > MAX_METADATA_BYTES:
+        raise ImageError(field, f"image carries {extra} bytes of metadata, over the limit of "
+                                f"{MAX_METADATA_BYTES} bytes")
+    return extra
+
+
 def _open(data: bytes, what: str, field: str, max_pixels: int | None,
           max_side: int | None) -> Image.Image:
-    """Open (parse the header of) an allowed format and check its size; decodes nothing."""
+    """Open (parse the header of) an allowed format and check its size; decodes nothing.
+    Call :func:`check_structure` first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -181,8 +291,9 @@ def probe_image(source: ImageSource, field: str = "image",
         _check_size(source.width, source.height, field, max_pixels)
         return ImageHeader(source.format or "", source.mode, source.width, source.height)
     data, what = _read_source(source, field)
+    metadata = check_structure(data, field)
     with _open(data, what, field, max_pixels, max_side) as image:
-        return ImageHeader(image.format, image.mode, image.width, image.height)
+        return ImageHeader(image.format, image.mode, image.width, image.height, metadata)
 
 
 def _short(exc: BaseException) -> str:
@@ -218,6 +329,7 @@ def load_image(
         return to_rgb(source)
     data, what = _read_source(source, field)
     # Only the header is parsed here: the size is checked before any pixel is decoded.
+    check_structure(data, field)
     image = _open(data, what, field, max_pixels, max_side)
     seconds = image.width * image.height * _SECONDS_PER_PIXEL
     try:

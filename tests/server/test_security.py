@@ -200,9 +200,13 @@ def test_token_file_changes_are_picked_up(pki, make_server, tokens_file, monkeyp
         assert rpc_error(server_info, ch, bearer(TOKEN)).code() == \
             grpc.StatusCode.UNAUTHENTICATED
         # A broken file at a reload keeps the previous tokens.
-        write_atomically(tokens_file, b"# nothing left\n")
+        write_atomically(tokens_file, b"has a space\n")
         assert server_info(ch, bearer(OTHER_TOKEN)).version
         assert not tokens.reload()
+        # An emptied file is a list of no tokens: it revokes them all (issue 18).
+        write_atomically(tokens_file, b"# nothing left\n")
+        assert rpc_error(server_info, ch, bearer(OTHER_TOKEN)).code() == \
+            grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_certificate_files_changed_on_disk_are_served(pki, make_server, tmp_path,
