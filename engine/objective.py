@@ -176,6 +176,9 @@ class Objective:
     #: Called between network layers (and bands of large ones, forward and backward); it
     #: raises to stop a cancelled request (see :func:`gramstyle.engine.bands.run_layer`).
     check: Callable[[float], None] | None = field(default=None, repr=False)
+    #: Tile side (px) of the loss and gradient computation, 0 for the whole image at once
+    #: (:mod:`gramstyle.engine.tiles`; ``options.tile_size``).
+    tile: int = 0
 
     @classmethod
     def build(cls, extractor: VGGFeatures, contents: Sequence[Image.Image],
@@ -203,6 +206,9 @@ class Objective:
         leaves :attr:`contents` and :attr:`styles` empty, so that images whose targets are
         cached are not even resized.
         """
+        # Imported here: tiles builds on this module.
+        from gramstyle.engine import tiles
+
         tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
         if size is None:
@@ -229,13 +235,15 @@ class Objective:
         content_layers = list(options.content_layers) if contents else []
         style_layers = list(options.style_layers) if styles else []
 
-        def targets(kind: str, index: int, layers: list[str], compute
+        def targets(kind: str, index: int, layers: list[str], compute, tiled
                     ) -> dict[str, torch.Tensor]:
             image, to, kept = ((contents[index], size, content_t) if kind == "content"
                                else (styles[index], style_sizes[index], style_t))
 
             def run() -> dict[str, torch.Tensor]:
                 pixels = kept[index] if kept else to_tensor(resized(image, to), device)
+                if options.tile_size:  # the network's memory bounded by one tile
+                    return tiled(extractor, pixels, layers, options.tile_size, precision, check)
                 with torch.no_grad(), autocast(device, precision):
                     return compute(extractor(pixels, layers, check))
             if cache is None:
@@ -246,13 +254,14 @@ class Objective:
 
         content_loss = style_loss = None
         if content_layers:
-            feats = [targets("content", i, content_layers, lambda f: f)
+            feats = [targets("content", i, content_layers, lambda f: f, tiles.feature_maps)
                      for i in range(len(contents))]
             content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
                                      for n in content_layers}, options.content_layer_weights)
         if style_layers:
             grams = [targets("style", i, style_layers,
-                             lambda f: {n: gram_target(v) for n, v in f.items()})
+                             lambda f: {n: gram_target(v) for n, v in f.items()},
+                             tiles.grams)
                      for i in range(len(styles))]
             style_loss = LayerSum({n: StyleLoss.from_grams([g[n] for g in grams], style_blend)
                                    for n in style_layers}, options.style_layer_weights)
@@ -260,7 +269,7 @@ class Objective:
                    options.style_weight, options.tv_weight, precision, width, height,
                    content_t, style_t,
                    content_t[0] if options.preserve_colors and content_t else None,
-                   check=check)
+                   check=check, tile=options.tile_size)
 
     @property
     def device(self) -> torch.device:
@@ -274,7 +283,14 @@ class Objective:
     def evaluate_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, LossTerms]:
         """The total loss of pixels ``x`` ([1, 3, height, width], RGB in [0, 1]) as a 0-dim
         float32 tensor (differentiable in ``x``), and all its terms as tensors. Nothing is
-        copied to the host, so on CUDA this does not synchronise."""
+        copied to the host, so on CUDA this does not synchronise.
+
+        With :attr:`tile` set, the same values and gradient are computed tile by tile
+        (:func:`gramstyle.engine.tiles.evaluate_terms`)."""
+        if self.tile:
+            # Imported here: tiles builds on this module.
+            from gramstyle.engine.tiles import evaluate_terms
+            return evaluate_terms(self, x, self.tile)
         with autocast(x.device, self.precision):
             feats = self.extractor(x, self.layers, self.check)
             content_layers = self.content(feats) if self.content else {}
