@@ -122,10 +122,10 @@ class Tile:
 
 
 def _spans(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """(interior start, end, input start, end) along one axis: floor(length / tile)
-    interiors of ``tile`` px, the last one taking the remainder (so none is smaller than a
-    tile, and every layer keeps a position in each)."""
-    count = max(1, length // tile)
+    """(interior start, end, input start, end) along one axis: round(length / tile)
+    interiors of ``tile`` px, the last one taking the rest, between half a tile and one and
+    a half (so a tile's input is at most 1.5 * tile + 2 * halo px a side)."""
+    count = max(1, (2 * length + tile) // (2 * tile))
     starts = [i * tile for i in range(count)] + [length]
     return [(a, b, max(0, a - halo), min(length, b + halo))
             for a, b in zip(starts, starts[1:], strict=False)]
@@ -201,6 +201,8 @@ def grams(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: 
     out: dict[str, torch.Tensor] = {}
     for _, _, crops in interiors(extractor, x, layers, tile, precision, check):
         for name, (f, _, _) in crops.items():
+            if not f.numel():  # a last interior under one stride of this layer
+                continue
             part = _gram(f, _positions(extractor, name, x))
             out[name] = part if name not in out else out[name] + part
     return out
@@ -252,6 +254,8 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
                                       check):
         for name in style:
             f = crops[name][0]
+            if not f.numel():  # a last interior under one stride of this layer
+                continue
             part = _gram(f, _positions(ex, name, x))
             gram_sums[name] = part if name not in gram_sums else gram_sums[name] + part
         for name in content:
