@@ -173,7 +173,12 @@ def interiors(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], ti
         pixels = x[:, :, t.ty0:t.ty1, t.tx0:t.tx1]
         with torch.no_grad(), autocast(x.device, precision):
             feats = extractor(pixels, layers, check)
-        yield t, pixels, {n: t.crop(f, field.jumps[n]) for n, f in feats.items()}
+        crops = {n: t.crop(f, field.jumps[n]) for n, f in feats.items()}
+        del feats
+        yield t, pixels, crops
+        # Dropped before the next tile runs (callers drop theirs too): one tile's maps at a
+        # time.
+        del crops
 
 
 def feature_maps(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: int,
@@ -190,6 +195,7 @@ def feature_maps(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str],
                 size = [n // field.jumps[name] for n in x.shape[2:]]
                 out[name] = f.new_empty(*f.shape[:2], *size)
             out[name][:, :, r:r + f.shape[2], c:c + f.shape[3]] = f
+        crops = f = None  # this tile's maps go before the next tile runs
     return out
 
 
@@ -205,6 +211,7 @@ def grams(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: 
                 continue
             part = _gram(f, _positions(extractor, name, x))
             out[name] = part if name not in out else out[name] + part
+        crops = f = None  # this tile's maps go before the next tile runs
     return out
 
 
@@ -264,6 +271,7 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
             squares[name] = squares[name] + (f.float() - target).pow(2).sum()
         a, b = _tv_sums(pixels.float(), t, height, width)
         dy, dx = dy + a, dx + b
+        crops = f = target = None  # this tile's maps go before the next tile runs
     content_layers = {n: loss.target.loss(squares[n] / loss.target.mean.numel())
                       for n, loss in content.items()}
     residuals = {n: gram_sums[n] - loss.target.mean for n, loss in style.items()}
@@ -326,7 +334,8 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
             parts.append(tv_dy * a + tv_dx * b)
             (part,) = torch.autograd.grad(sum(parts), pixels)
         grad[:, :, t.ty0:t.ty1, t.tx0:t.tx1] += part
-        del feats, parts, part
+        # This tile's maps and graph go before the next tile runs.
+        feats = parts = part = f = target = direction = None
     return grad
 
 
