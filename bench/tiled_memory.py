@@ -2,7 +2,7 @@
 
     python bench/tiled_memory.py                  # 1024 px, 2 iterations, tiles of 256 px
     python bench/tiled_memory.py --size 768 --tile 192 --iterations 3
-    python bench/tiled_memory.py --smoke          # 96 px, tiles of 64, 1 iteration: checks the harness
+    python bench/tiled_memory.py --smoke          # 96 px, tiles of 64, 1 iteration: a check
 
 Each run is a fresh child process (a VGG with seeded random weights, fp32, on the CPU, the
 default layers): it loads the network, warms up on a tiny image, resets its peak RSS

@@ -208,7 +208,8 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             field, advice = "size", ("lower size, or use optimizer adam (L-BFGS keeps up to "
                                      "100 copies of the image)")
         else:
-            field, advice = "size", "lower size or style_scale, or use fewer loss layers"
+            field, advice = "size", ("lower size or style_scale, use fewer loss layers, or "
+                                     "set tile_size (docs/tiling.md)")
         raise ValueError(f"{field}: the request needs {estimate.describe()}, over this "
                          f"server's limit of {_size(limit)} per request; {advice}")
 
