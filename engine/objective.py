@@ -212,6 +212,9 @@ class Objective:
     #: Called between network layers (and bands of large ones, forward and backward); it
     #: raises to stop a cancelled request (see :func:`gramstyle.engine.bands.run_layer`).
     check: Callable[[float], None] | None = field(default=None, repr=False)
+    #: Tile side (px) of the loss and gradient computation, 0 for the whole image at once
+    #: (:mod:`gramstyle.engine.tiles`; ``options.tile_size``).
+    tile: int = 0
 
     @classmethod
     def build(cls, extractor: VGGFeatures, contents: Sequence[Image.Image],
@@ -246,6 +249,9 @@ class Objective:
         image of each style (:mod:`gramstyle.engine.masks`; the loss is in
         :mod:`gramstyle.engine.losses`). A style without masks applies everywhere.
         """
+        # Imported here: tiles builds on this module.
+        from gramstyle.engine import tiles
+
         tick = check or (lambda seconds: None)
         content_blend, style_blend = check_images(contents, styles, options)
         check_count(style_masks, len(styles), REGION_FIELD)
@@ -278,6 +284,9 @@ class Objective:
                 region[j] = layer_weights(
                     mask_tensor(mask, size, device, f"{REGION_FIELD}[{j}]", "the output"),
                     extractor, style_layers)
+        if options.tile_size and any(r is not None for r in region):
+            raise FieldError("tile_size", f"got {options.tile_size}, but tiling does not support "
+                             "style region masks yet; leave tile_size at 0", options.tile_size)
         for j, mask in enumerate(style_source_masks if style_layers else ()):
             if mask is not None:
                 tick(mask.width * mask.height * 4e-8)
@@ -290,13 +299,15 @@ class Objective:
         style_t = [to_tensor(resized(s, to), device)
                    for s, to in zip(styles, style_sizes, strict=True)] if keep_pixels else []
 
-        def targets(kind: str, index: int, layers: list[str], compute, extra: tuple = ()
-                    ) -> dict[str, torch.Tensor]:
+        def targets(kind: str, index: int, layers: list[str], compute, tiled,
+                    extra: tuple = ()                    ) -> dict[str, torch.Tensor]:
             image, to, kept = ((contents[index], size, content_t) if kind == "content"
                                else (styles[index], style_sizes[index], style_t))
 
             def run() -> dict[str, torch.Tensor]:
                 pixels = kept[index] if kept else to_tensor(resized(image, to), device)
+                if options.tile_size and tiled is not None:  # memory bounded by one tile
+                    return tiled(extractor, pixels, layers, options.tile_size, precision, check)
                 with torch.no_grad(), autocast(device, precision):
                     return compute(extractor(pixels, layers, check))
             if cache is None:
@@ -309,7 +320,7 @@ class Objective:
 
         content_loss = style_loss = None
         if content_layers:
-            feats = [targets("content", i, content_layers, lambda f: f)
+            feats = [targets("content", i, content_layers, lambda f: f, tiles.feature_maps)
                      for i in range(len(contents))]
             content_loss = LayerSum({n: ContentLoss([f[n] for f in feats], content_blend)
                                      for n in content_layers},
@@ -318,11 +329,13 @@ class Objective:
             def style_grams(j: int) -> dict[str, torch.Tensor]:
                 if source[j] is None:
                     return targets("style", j, style_layers,
-                                   lambda f: {n: gram_target(v) for n, v in f.items()})
+                                   lambda f: {n: gram_target(v) for n, v in f.items()},
+                                   tiles.grams)
                 weights = source[j]
+                # A source mask's guided Grams run on the whole style image (not tiled).
                 return targets("style", j, style_layers,
                                lambda f: {n: gram_target(v, weights[n]) for n, v in f.items()},
-                               extra=(image_digest(style_source_masks[j]),))
+                               None, extra=(image_digest(style_source_masks[j]),))
 
             grams = [style_grams(j) for j in range(len(styles))]
             if not any(r is not None for r in region):
@@ -337,7 +350,7 @@ class Objective:
                    options.style_weight, options.tv_weight, precision, width, height,
                    content_t, style_t,
                    content_t[0] if options.preserve_colors and content_t else None,
-                   check=check)
+                   check=check, tile=options.tile_size)
 
     @property
     def device(self) -> torch.device:
@@ -351,7 +364,14 @@ class Objective:
     def evaluate_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, LossTerms]:
         """The total loss of pixels ``x`` ([1, 3, height, width], RGB in [0, 1]) as a 0-dim
         float32 tensor (differentiable in ``x``), and all its terms as tensors. Nothing is
-        copied to the host, so on CUDA this does not synchronise."""
+        copied to the host, so on CUDA this does not synchronise.
+
+        With :attr:`tile` set, the same values and gradient are computed tile by tile
+        (:func:`gramstyle.engine.tiles.evaluate_terms`)."""
+        if self.tile:
+            # Imported here: tiles builds on this module.
+            from gramstyle.engine.tiles import evaluate_terms
+            return evaluate_terms(self, x, self.tile)
         with autocast(x.device, self.precision):
             feats = self.extractor(x, self.layers, self.check)
             content_layers = self.content(feats) if self.content else {}

@@ -30,6 +30,10 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
   strings and their copy in the image's ``info``, ``METADATA_COPIES`` in all); the messages
   of queued requests, and of those still arriving, are held to the message budget
   (server/message_budget.py);
+- **tiles** (``tile_size`` set, :mod:`gramstyle.engine.tiles`): every network pass is
+  sized for the largest tile (interior plus halo) instead of the image, and the tiled
+  objective adds three image-sized float32 vectors (its gradient); the image-sized parts
+  (images, content targets at the output size, the optimiser's history) stay as they are;
 - **output**: the output image, its encoding and the response message (and for
   ComputeLosses the float32 gradient and its copies).
 
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from gramstyle.engine.optimise import LBFGS_HISTORY  # pairs kept, each two copies of the image
+from gramstyle.engine.tiles import receptive_field
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.inputs import input_named, output_size, resized_size
 from gramstyle.options import StyleOptions, scale_sizes
@@ -182,6 +187,31 @@ def _backprop(extractor: nn.Module, options: StyleOptions, content: bool, style:
     return kept + losses + 3 * largest + 4 * _RGB_TENSOR * width * height
 
 
+def _tile_input(extractor: nn.Module, layers: Sequence[str], tile: int, width: int,
+                height: int) -> tuple[int, int]:
+    """The largest input (width, height) of a tile of ``tile`` px for an image of width x
+    height (:func:`gramstyle.engine.tiles.plan`): an interior of at most 1.5 tiles (rounded
+    to the stride) plus the halo on each side, clipped to the image."""
+    field = receptive_field(extractor, layers)
+    side = max(field.stride, tile // field.stride * field.stride)
+    return tuple(min(n, side * 3 // 2 + field.stride + 2 * field.halo) for n in (width, height))
+
+
+def _tiled_network(extractor: nn.Module, options: StyleOptions, content: bool, style: bool,
+                   width: int, height: int, element: int, gradient: bool) -> int:
+    """Bytes of the tiled objective (``options.tile_size``): the larger of pass 1 (a no-grad
+    pass over one tile) and pass 2 (one tile's forward with autograd and backward), plus the
+    image-sized float32 vectors it keeps: the gradient being summed, the one autograd is
+    handed, and its product with the upstream gradient (12 bytes per pixel each)."""
+    layers = [*(options.content_layers if content else ()),
+              *(options.style_layers if style else ())]
+    w, h = _tile_input(extractor, layers, options.tile_size, width, height)
+    network = _forward_peak(extractor, layers, w, h, element)
+    if gradient:
+        network = max(network, _backprop(extractor, options, content, style, w, h, element))
+    return network + (3 * _RGB_TENSOR * width * height if gradient else 0)
+
+
 def _resize_bytes(src: ImageHeader, width: int, height: int) -> int:
     """Transient bytes of resizing ``src`` to width x height and making it a tensor:
     Pillow's intermediate pass, the resized image, uint8 and two float copies."""
@@ -228,6 +258,15 @@ def _decoding(headers: Sequence[ImageHeader]) -> int:
     return max(map(cost, headers), default=0)
 
 
+def _pass_size(extractor: nn.Module, options: StyleOptions, layers: Sequence[str],
+               width: int, height: int) -> tuple[int, int]:
+    """The input size of one network pass over a width x height image: the image, or with
+    ``options.tile_size`` its largest tile."""
+    if not options.tile_size:
+        return width, height
+    return _tile_input(extractor, layers, options.tile_size, width, height)
+
+
 def _targets(extractor: nn.Module, options: StyleOptions,
              images: Mapping[str, Sequence[ImageHeader]], width: int, height: int,
              element: int) -> tuple[int, int]:
@@ -246,12 +285,14 @@ def _targets(extractor: nn.Module, options: StyleOptions,
         # Every content image's feature maps, then their float32 blend (kept as the target).
         kept += features * len(contents) + 2 * _captured(extractor, content_layers, width,
                                                          height, 4)
-        transients.append(_forward_peak(extractor, content_layers, width, height, element))
+        transients.append(_forward_peak(extractor, content_layers, *_pass_size(
+            extractor, options, content_layers, width, height), element))
     for w, h in style_sizes if style_layers else ():
         # The pass, then one Gram at a time while every captured map is still held.
-        largest = max(_captured(extractor, [n], w, h, element) for n in style_layers)
-        transients.append(max(_forward_peak(extractor, style_layers, w, h, element),
-                              _captured(extractor, style_layers, w, h, element)
+        pw, ph = _pass_size(extractor, options, style_layers, w, h)
+        largest = max(_captured(extractor, [n], pw, ph, element) for n in style_layers)
+        transients.append(max(_forward_peak(extractor, style_layers, pw, ph, element),
+                              _captured(extractor, style_layers, pw, ph, element)
                               + largest * _gram_factor(element)))
     return kept, max(transients)
 
@@ -291,8 +332,10 @@ def estimate_stylize(extractor: nn.Module, options: StyleOptions,
             optimiser = 4 * _RGB_TENSOR * pixels
         phases[f"optimise{k}"] = {
             "images": images, "targets": kept,
-            "activations": _backprop(extractor, options, bool(contents), bool(styles), width,
-                                     height, element),
+            "activations": _tiled_network(extractor, options, bool(contents), bool(styles),
+                                          width, height, element, True) if options.tile_size
+            else _backprop(extractor, options, bool(contents), bool(styles), width, height,
+                           element),
             "optimiser": optimiser, "output": 24 * pixels}
         previous = kept
     return _peak(phases)
@@ -314,7 +357,11 @@ def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: Imag
     images, decoding = _held(inputs, encoded, message)
     kept, transient = _targets(extractor, options, inputs, width, height, element)
     kept += 2 * _RGB_TENSOR * pixels  # the candidate as a tensor
-    if gradient:
+    if options.tile_size:
+        network = _tiled_network(extractor, options, bool(contents), bool(styles), width,
+                                 height, element, gradient)
+        out = 6 * _RGB_TENSOR * pixels if gradient else 0
+    elif gradient:
         network = _backprop(extractor, options, bool(contents), bool(styles), width, height,
                             element)
         out = 6 * _RGB_TENSOR * pixels  # the gradient, contiguous, numpy, bytes, message

@@ -203,7 +203,8 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             field, advice = "size", (f"lower size, or use optimizer adam (L-BFGS keeps up "
                                      f"to {2 * LBFGS_HISTORY} copies of the image)")
         else:
-            field, advice = "size", "lower size or style_scale, or use fewer loss layers"
+            field, advice = "size", ("lower size or style_scale, use fewer loss layers, or "
+                                     "set tile_size (docs/tiling.md)")
         raise FieldError(field, f"the request needs {estimate.describe()}, over this "
                          f"server's limit of {format_size(limit)} per request; {advice}")
 

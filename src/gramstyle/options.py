@@ -351,6 +351,12 @@ class StyleOptions:
         "CPUs with AVX512-BF16 or AMX), else fp32; fp32; or bf16 autocast for the network "
         "(losses and pixels stay fp32). Results report the precision used",
         scope="losses", enum=pb.Precision)
+    tile_size: int = option(
+        0, "int", "compute the loss and its gradient over tiles of about this many pixels a "
+        "side (rounded down to a multiple of the network's stride), each with a halo that "
+        "keeps them exact: the network's memory is bounded by the tile, not the image "
+        "(docs/tiling.md); 0 = off, the whole image at once", scope="losses", low=0,
+        high="max_size", unit="pixels", metavar="PX")
     progress_every: int = option(
         10, "int", "report progress after 0, N, 2N, ... iterations and after the last one",
         low=1)

@@ -1,0 +1,343 @@
+"""The tiled objective: the full-image loss and its exact gradient, one tile at a time.
+
+Every term of the loss (:mod:`gramstyle.engine.losses`) is a sum over positions: the Gram
+matrix of a layer, the content MSE and the TV term. So split the image into tiles whose
+*interiors* partition its pixels -- and, at every layer used, its feature positions:
+
+- the Gram of the image is the sum of the Grams of the interiors' features;
+- with the style residual R = G - A of a layer known for the whole image, the gradient of
+  ``mean((G - A)^2)`` with respect to the features F ([C, N], N the whole image's
+  positions, G = s F F^T, s = 1 / (C N)) is ``2 s / C^2 (R + R^T) F`` -- the backward GEMM
+  of :func:`gramstyle.kernels.style_loss` -- which at each position needs only that
+  position's features;
+- so two passes give the exact loss and gradient with the network's memory bounded by one
+  tile: pass 1, without autograd, accumulates the Grams (and the content and TV sums) over
+  the tiles' interiors; pass 2 runs each tile forward with autograd, takes a surrogate loss
+  whose gradient in the interior features is the whole-image gradient, and backpropagates
+  into the tile. The *whole* tile's input gradient (halo included) is added into the image's
+  gradient: a halo pixel influences interior features of this tile, and that share of its
+  gradient is computed here and nowhere else.
+
+**Halo and stride rule** (:func:`receptive_field`, computed from the modules): a feature at
+position q of a layer with total stride J reads the pixels [q J - P, q J - P + r - 1], with r
+the receptive field and P the padding the layers before it add up to. A tile whose interior
+is [a, b) therefore needs P pixels before a and r - J - P after b at that layer; the halo
+is the largest of these over the layers used, rounded up to the deepest layer's total
+stride S. Interior offsets (and hence tile offsets) are multiples of S, so that every
+pooling window of the tile is a pooling window of the whole image, and a tile's zero padding
+falls only where the image's does or outside what its interior reads. For VGG16/19 up to
+relu5_1: r = 132, P = r - J - P = 58, S = 16, so the halo is 64 px.
+
+Pixels are [1, 3, H, W] RGB in [0, 1]; sizes are in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gramstyle import kernels
+from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.engine.objective import LossTerms, Objective, autocast
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a tile must carry for its interior features to equal the whole image's.
+
+    ``stride``: total stride S of the deepest layer (interior offsets are multiples of it);
+    ``before``/``after``: pixels read before an interior's first pixel and after its last,
+    at the worst layer; ``size``: the deepest layer's receptive field; ``jumps``: each
+    layer's total stride by name.
+    """
+
+    stride: int
+    before: int
+    after: int
+    size: int
+    jumps: dict[str, int]
+
+    @property
+    def halo(self) -> int:
+        """The halo (px) each side: max(before, after) rounded up to a multiple of S."""
+        return math.ceil(max(self.before, self.after) / self.stride) * self.stride
+
+
+def _window(module: nn.Module) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of one layer along one axis; square layers only."""
+    if isinstance(module, nn.ReLU):
+        return 1, 1, 0
+    if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        raise TypeError(f"tiles: no receptive-field rule for {module!r}")
+    pair = [v if isinstance(v, tuple) else (v, v)
+            for v in (module.kernel_size, module.stride, module.padding,
+                      getattr(module, "dilation", 1))]
+    if any(a != b for a, b in pair) or getattr(module, "ceil_mode", False):
+        raise TypeError(f"tiles: {module!r} is not square (or uses ceil_mode)")
+    (k, _), (s, _), (p, _), (d, _) = pair
+    return d * (k - 1) + 1, s, p
+
+
+def receptive_field(extractor: VGGFeatures, layers: Sequence[str]) -> Field:
+    """The :class:`Field` of ``extractor`` up to the deepest of ``layers``, from the modules'
+    kernels, strides and paddings (not hard-coded)."""
+    names = extractor.layer_names
+    deepest = max(names.index(extractor.resolve(n)) for n in layers)
+    jump, size, pad, before, after, jumps = 1, 1, 0, 0, 0, {}
+    for name, module in zip(names[: deepest + 1], extractor.layers[: deepest + 1],
+                            strict=True):
+        k, s, p = _window(module)
+        size += (k - 1) * jump
+        pad += p * jump
+        jump *= s
+        jumps[name] = jump
+        before, after = max(before, pad), max(after, size - jump - pad)
+    return Field(jump, before, after, size, jumps)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its interior [y0, y1) x [x0, x1) and the input it reads, interior plus
+    halo clipped to the image, [ty0, ty1) x [tx0, tx1] (pixels)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    ty0: int
+    ty1: int
+    tx0: int
+    tx1: int
+
+    def crop(self, features: torch.Tensor, jump: int) -> tuple[torch.Tensor, int, int]:
+        """The interior of a tile's feature map of total stride ``jump`` ([1, C, h, w]), and
+        the interior's first row and column in the whole image's map."""
+        r0, r1 = (self.y0 - self.ty0) // jump, (self.y1 - self.ty0) // jump
+        c0, c1 = (self.x0 - self.tx0) // jump, (self.x1 - self.tx0) // jump
+        return features[:, :, r0:r1, c0:c1], self.y0 // jump, self.x0 // jump
+
+
+def _spans(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """(interior start, end, input start, end) along one axis: round(length / tile)
+    interiors of ``tile`` px, the last one taking the rest, between half a tile and one and
+    a half (so a tile's input is at most 1.5 * tile + 2 * halo px a side)."""
+    count = max(1, (2 * length + tile) // (2 * tile))
+    starts = [i * tile for i in range(count)] + [length]
+    return [(a, b, max(0, a - halo), min(length, b + halo))
+            for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def plan(height: int, width: int, tile: int, field: Field) -> list[Tile]:
+    """The tiles of a ``height`` x ``width`` image with interiors of about ``tile`` px
+    (rounded down to a multiple of the stride, at least one stride) and the halo of
+    ``field``; row-major."""
+    side = max(field.stride, tile // field.stride * field.stride)
+    return [Tile(a, b, c, d, ta, tb, tc, td)
+            for a, b, ta, tb in _spans(height, side, field.halo)
+            for c, d, tc, td in _spans(width, side, field.halo)]
+
+
+def _tv_sums(pixels: torch.Tensor, tile: Tile, height: int, width: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of squared vertical and horizontal neighbour differences of the pairs whose
+    first pixel is in the tile's interior (each pair of the image is owned by one tile);
+    ``pixels`` is the tile's input."""
+    r0, c0 = tile.y0 - tile.ty0, tile.x0 - tile.tx0
+    r1, c1 = tile.y1 - tile.ty0, tile.x1 - tile.tx0
+    rows = pixels[:, :, r0:min(r1 + 1, height - tile.ty0), c0:c1]
+    cols = pixels[:, :, r0:r1, c0:min(c1 + 1, width - tile.tx0)]
+    return ((rows[:, :, 1:] - rows[:, :, :-1]).pow(2).sum(),
+            (cols[..., 1:] - cols[..., :-1]).pow(2).sum())
+
+
+def _tv(dy: torch.Tensor, dx: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """:func:`gramstyle.engine.losses.tv_loss` from its two sums over the whole image."""
+    zero = torch.zeros((), device=dy.device)
+    return ((dy / (3 * (height - 1) * width) if height > 1 else zero)
+            + (dx / (3 * height * (width - 1)) if width > 1 else zero)).float()
+
+
+def interiors(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: int,
+              precision: str = "fp32", check: Callable[[float], None] | None = None
+              ) -> Iterator[tuple[Tile, torch.Tensor, dict[str, tuple[torch.Tensor, int, int]]]]:
+    """Without autograd, for each tile of ``x``: the tile, its input pixels, and per layer
+    its interior features with their first row and column in the whole image's map
+    (:meth:`Tile.crop`). The interiors of all tiles make up the whole image's feature maps
+    exactly."""
+    field = receptive_field(extractor, layers)
+    for t in plan(x.shape[2], x.shape[3], tile, field):
+        pixels = x[:, :, t.ty0:t.ty1, t.tx0:t.tx1]
+        with torch.no_grad(), autocast(x.device, precision):
+            feats = extractor(pixels, layers, check)
+        crops = {n: t.crop(f, field.jumps[n]) for n, f in feats.items()}
+        del feats
+        yield t, pixels, crops
+        # Dropped before the next tile runs (callers drop theirs too): one tile's maps at a
+        # time.
+        del crops
+
+
+def feature_maps(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: int,
+                 precision: str = "fp32", check: Callable[[float], None] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The whole image's feature maps at ``layers`` ([1, C, H_l, W_l], as
+    ``extractor(x, layers)`` gives them), assembled from tiles: the network's transient
+    memory is one tile's."""
+    out: dict[str, torch.Tensor] = {}
+    for _, _, crops in interiors(extractor, x, layers, tile, precision, check):
+        for name, (f, r, c) in crops.items():
+            if name not in out:
+                field = receptive_field(extractor, [name])
+                size = [n // field.jumps[name] for n in x.shape[2:]]
+                out[name] = f.new_empty(*f.shape[:2], *size)
+            out[name][:, :, r:r + f.shape[2], c:c + f.shape[3]] = f
+        crops = f = None  # this tile's maps go before the next tile runs
+    return out
+
+
+def grams(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: int,
+          precision: str = "fp32", check: Callable[[float], None] | None = None
+          ) -> dict[str, torch.Tensor]:
+    """The float32 [C, C] Gram of each layer (:func:`gramstyle.engine.losses.gram_target`
+    of the whole image), summed over tiles."""
+    out: dict[str, torch.Tensor] = {}
+    for _, _, crops in interiors(extractor, x, layers, tile, precision, check):
+        for name, (f, _, _) in crops.items():
+            if not f.numel():  # a last interior under one stride of this layer
+                continue
+            part = _gram(f, _positions(extractor, name, x))
+            out[name] = part if name not in out else out[name] + part
+        crops = f = None  # this tile's maps go before the next tile runs
+    return out
+
+
+def _positions(extractor: VGGFeatures, layer: str, x: torch.Tensor) -> int:
+    """N, the whole image's positions at ``layer``."""
+    jump = receptive_field(extractor, [layer]).jumps[layer]
+    return (x.shape[2] // jump) * (x.shape[3] // jump)
+
+
+def _gram(features: torch.Tensor, positions: int) -> torch.Tensor:
+    """This tile's share of the whole image's Gram, [C, C] float32: scale 1 / (C N) with N
+    the whole image's positions (the normalisation of :func:`gramstyle.kernels.gram`)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return kernels.gram(features.float(), 1.0 / (features.shape[1] * positions))[0]
+
+
+class _WithGradient(torch.autograd.Function):
+    """A loss value whose gradient in ``x`` was computed already (by pass 2)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, total: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return upstream * grad, None, None
+
+
+def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
+                   ) -> tuple[torch.Tensor, LossTerms]:
+    """:meth:`Objective.evaluate_terms` computed over tiles of about ``tile`` px: the same
+    total and terms (up to float summation order). When autograd wants the gradient in
+    ``x`` (grad mode on, ``x.requires_grad``), pass 2 computes it here, and the returned
+    total carries it, so ``total.backward()`` works as for the untiled objective."""
+    ex, height, width = objective.extractor, x.shape[2], x.shape[3]
+    content = objective.content.losses if objective.content else {}
+    style = objective.style.losses if objective.style else {}
+    layers = [*content, *style]
+    check = objective.check
+    # Pass 1: the Grams, and the content and TV sums, without autograd.
+    gram_sums: dict[str, torch.Tensor] = {}
+    squares = {n: torch.zeros((), device=x.device) for n in content}
+    dy = dx = torch.zeros((), device=x.device)
+    for t, pixels, crops in interiors(ex, x.detach(), layers, tile, objective.precision,
+                                      check):
+        for name in style:
+            f = crops[name][0]
+            if not f.numel():  # a last interior under one stride of this layer
+                continue
+            part = _gram(f, _positions(ex, name, x))
+            gram_sums[name] = part if name not in gram_sums else gram_sums[name] + part
+        for name in content:
+            f, r, c = crops[name]
+            target = content[name].target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
+            squares[name] = squares[name] + (f.float() - target).pow(2).sum()
+        a, b = _tv_sums(pixels.float(), t, height, width)
+        dy, dx = dy + a, dx + b
+        crops = f = target = None  # this tile's maps go before the next tile runs
+    content_layers = {n: loss.target.loss(squares[n] / loss.target.mean.numel())
+                      for n, loss in content.items()}
+    residuals = {n: gram_sums[n] - loss.target.mean for n, loss in style.items()}
+    style_layers = {n: loss.target.loss(residuals[n].pow(2).mean())
+                    for n, loss in style.items()}
+    zero = torch.zeros((), device=x.device)
+    content_total = objective.content.weighted(content_layers) if content else zero
+    style_total = objective.style.weighted(style_layers) if style else zero
+    tv = _tv(dy, dx, height, width)
+    total = (objective.content_weight * content_total + objective.style_weight * style_total
+             + objective.tv_weight * tv)
+    terms = LossTerms(total, content_total, style_total, tv, content_layers, style_layers)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return total, terms
+    grad = _gradient(objective, x, tile, residuals)
+    total = _WithGradient.apply(x, total, grad)
+    terms.total = total
+    return total, terms
+
+
+def _gradient(objective: Objective, x: torch.Tensor, tile: int,
+              residuals: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pass 2: d total / d x ([1, 3, H, W] float32), tile by tile, with the style residuals
+    of the whole image fixed."""
+    ex, height, width = objective.extractor, x.shape[2], x.shape[3]
+    content = objective.content.losses if objective.content else {}
+    style = objective.style.losses if objective.style else {}
+    layers = [*content, *style]
+    field = receptive_field(ex, layers)
+    # d total / dF at a layer is coef * (R + R^T) F: the weights, the blend's scale and the
+    # style_loss backward's 2 s / C^2 (s = 1 / (C N)).
+    directions = {}
+    for name, loss in style.items():
+        c = residuals[name].shape[0]
+        coef = (objective.style_weight * objective.style.layer_weights[name] * loss.target.scale
+                * 2 / (c * _positions(ex, name, x)) / c**2)
+        directions[name] = coef * (residuals[name] + residuals[name].T)
+    content_coef = {n: objective.content_weight * objective.content.layer_weights[n]
+                    * loss.target.scale / loss.target.mean.numel() for n, loss in content.items()}
+    tv_dy = objective.tv_weight / (3 * (height - 1) * width) if height > 1 else 0.0
+    tv_dx = objective.tv_weight / (3 * height * (width - 1)) if width > 1 else 0.0
+    grad = torch.zeros_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+    for t in plan(height, width, tile, field):
+        pixels = x.detach()[:, :, t.ty0:t.ty1, t.tx0:t.tx1].clone().requires_grad_(True)
+        with torch.enable_grad():
+            with autocast(x.device, objective.precision):
+                feats = ex(pixels, layers, objective.check)
+            # A surrogate: its gradient in the interior features is the whole image's.
+            parts = []
+            for name, loss in content.items():
+                f, r, c = t.crop(feats[name], field.jumps[name])
+                target = loss.target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
+                parts.append(content_coef[name] * (f.float() - target).pow(2).sum())
+            for name in style:
+                f = t.crop(feats[name], field.jumps[name])[0].float().flatten(2)
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                    direction = directions[name] @ f[0]
+                parts.append((f[0] * direction).sum())
+            a, b = _tv_sums(pixels, t, height, width)
+            parts.append(tv_dy * a + tv_dx * b)
+            (part,) = torch.autograd.grad(sum(parts), pixels)
+        grad[:, :, t.ty0:t.ty1, t.tx0:t.tx1] += part
+        # This tile's maps and graph go before the next tile runs.
+        feats = parts = part = f = target = direction = None
+    return grad
+
+
+__all__ = ["Field", "Tile", "evaluate_terms", "feature_maps", "grams", "interiors", "plan",
+           "receptive_field"]
