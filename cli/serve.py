@@ -8,6 +8,7 @@ import re
 from gramstyle.cli.envflags import add_env_variables, apply_env
 from gramstyle.cli.flags import (
     EXIT_FAILURE,
+    SERVER_EXTRA_INSTALL,
     CLIError,
     add_model_flags,
     finite_float,
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         from gramstyle.server.serve import ServeConfig, configure_logging
         from gramstyle.server.serve import run as serve
     except ImportError as exc:
-        raise CLIError(f"serve needs the server extra (pip install 'gramstyle[server]'): {exc}",
+        raise CLIError(f"serve needs the server extra ({SERVER_EXTRA_INSTALL}): {exc}",
                        EXIT_FAILURE) from exc
     for flag, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1),
                              ("--queue-size", args.queue_size, 0),
