@@ -28,6 +28,19 @@ def frame_path(output: Path, iteration: int) -> Path:
     return output.with_name(f"{output.stem}_{iteration:04d}{output.suffix}")
 
 
+def finish_bar(bar, iterations: int, stop_reason: str) -> None:
+    """End the tqdm ``bar`` at the iteration where the run ended: a run that converged early
+    (see the tolerance option) stops before its cap of iterations x scales, and a bar left
+    at 47 % would look interrupted. Its total becomes the iterations run, and it says why."""
+    if iterations <= 0:  # not reported (an old server): leave the bar as it is
+        return
+    bar.total = iterations
+    bar.update(iterations - bar.n)
+    if stop_reason == "converged":
+        bar.set_description(f"{bar.desc} (converged)", refresh=False)
+    bar.refresh()
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("stylize", help="stylize an image (in-process, or on a server)",
                        description="Optimise an image to match content features and style "
@@ -117,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             result = load_engine(args).stylize(args.content, args.style, options,
                                                init_image=args.init_image,
                                                progress=on_progress, preview=want_preview)
+        finish_bar(bar, result.iterations, result.stop_reason)
     save_image(result.image, output, "output")
     if args.progress_sheet:
         from gramstyle.cli.progress_sheet import save_progress_sheet
