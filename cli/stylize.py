@@ -32,7 +32,7 @@ def finish_bar(bar, iterations: int, stop_reason: str) -> None:
     """End the tqdm ``bar`` at the iteration where the run ended: a run that converged early
     (see the tolerance option) stops before its cap of iterations x scales, and a bar left
     at 47 % would look interrupted. Its total becomes the iterations run, and it says why."""
-    if iterations <= 0:  # not reported (an old server): leave the bar as it is
+    if bar.disable or iterations <= 0:  # -q; or not reported (an old server)
         return
     bar.total = iterations
     bar.update(iterations - bar.n)

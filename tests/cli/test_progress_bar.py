@@ -32,3 +32,12 @@ def test_bar_of_a_run_to_the_cap_is_unchanged(images, tmp_path, capsys):
     last = bar_lines(capsys.readouterr().err)[-1]
     assert last.startswith("stylize: 100%|") and " 8/8 [" in last
     assert "converged" not in last
+
+
+def test_quiet_converged_run_has_no_bar_and_no_error(images, tmp_path, capsys):
+    assert main(["stylize", "--content", str(images["cat"]), "--style", str(images["starry"]),
+                 *SHALLOW, "--iterations", "60", "--tolerance", "0.5", "-q",
+                 "-o", str(tmp_path / "out.png")]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "after 25 iterations (converged)" in captured.out
+    assert captured.err == ""
