@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -88,13 +89,25 @@ def _load_file(path: str, features: nn.Sequential, arch: str) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"weights: cannot load {path!r} as a torch state_dict (a file "
-                           f"written by torch.save): {type(exc).__name__}: {exc}") from exc
+        raise WeightsError(f"weights: {path!r} is not a weights file: torch cannot read it as "
+                           f"a state_dict of tensors written by torch.save "
+                           f"({_load_failure(exc)}); give a VGG state_dict file, or imagenet "
+                           f"or random") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"weights: {path!r} holds a {type(state).__name__}, not a state_dict")
     _load_state(features, state, f"{path!r}", arch)
+
+
+def _load_failure(exc: Exception) -> str:
+    """What went wrong in torch.load, in a few words. torch's own text for a file that is not
+    a checkpoint advises re-running with weights_only=False, i.e. unpickling an untrusted
+    file, which gramstyle never does: only its first sentence is kept, and not that one."""
+    first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in first or len(first) > 120:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first}"
 
 
 def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "") -> None:

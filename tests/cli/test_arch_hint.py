@@ -43,3 +43,32 @@ def test_other_state_dicts_get_no_arch_hint(tmp_path):
         with pytest.raises(WeightsError, match="does not match") as caught:
             VGGFeatures(arch=arch, weights=str(path))
         assert "looks like" not in str(caught.value)
+
+
+class Opaque:
+    """Not a tensor: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+@pytest.mark.parametrize("kind", ["text", "png", "pickled object", "truncated"])
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(kind, tmp_path,
+                                                                         images, vgg16_weights,
+                                                                         capsys):
+    path = tmp_path / "weights.pth"
+    if kind == "text":
+        path.write_text("hello world\n")
+    elif kind == "png":
+        path.write_bytes(images["cat"].read_bytes())
+    elif kind == "pickled object":
+        torch.save({"0.weight": Opaque()}, path)
+    else:
+        path.write_bytes(vgg16_weights.read_bytes()[:100_000])
+    code = main(["stylize", "--arch", "vgg16", "--weights", str(path), "--content",
+                 str(images["cat"]), "--style-weight", "0", "-q", "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.startswith(f"gramstyle: error: --weights: '{path}' is not a weights file: torch "
+                          "cannot read it as a state_dict of tensors written by torch.save (")
+    assert err.rstrip().endswith("); give a VGG state_dict file, or imagenet or random")
+    assert "weights_only" not in err and "file an issue" not in err.lower()
+    if kind == "truncated":
+        assert "(RuntimeError: PytorchStreamReader failed reading zip archive" in err
