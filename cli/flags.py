@@ -284,15 +284,30 @@ def refuse_remote_flags(args: argparse.Namespace) -> None:
             raise CLIError(f"{flag}: {what}; it does not apply in-process")
 
 
+#: How a source checkout installs the server extra (torch, torchvision, ...): the README's
+#: Run command. gramstyle is not on a package registry.
+SERVER_EXTRA_INSTALL = ("pip install -r requirements-build.txt && pip install "
+                        "--no-build-isolation '.[server]' in the source checkout")
+
+
+def import_server_extra(module: str, what: str, alternative: str = ""):
+    """Import ``module``, which needs the server extra (torch); a client-only install gets
+    an error (exit 1) that says how to install the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CLIError(f"{what} needs the server extra ({SERVER_EXTRA_INSTALL}): "
+                       f"{exc}{alternative}", EXIT_FAILURE) from exc
+
+
 def load_engine(args: argparse.Namespace):
     """The in-process engine; the torch-based server extra is imported only here."""
     refuse_remote_flags(args)
-    try:
-        from gramstyle.engine.transfer import StyleTransfer
-    except ImportError as exc:
-        raise CLIError(f"running in-process needs the server extra (pip install "
-                       f"'gramstyle[server]'): {exc}; or pass --server HOST:PORT",
-                       EXIT_FAILURE) from exc
-    return StyleTransfer(arch=model_option(args, "arch"), weights=model_option(args, "weights"),
-                         pooling=model_option(args, "pooling"),
-                         device=model_option(args, "device"))
+    transfer = import_server_extra("gramstyle.engine.transfer", "running in-process",
+                                   "; or pass --server HOST:PORT")
+    return transfer.StyleTransfer(arch=model_option(args, "arch"),
+                                  weights=model_option(args, "weights"),
+                                  pooling=model_option(args, "pooling"),
+                                  device=model_option(args, "device"))

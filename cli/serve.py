@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from gramstyle.cli.envflags import add_setting_flags, resolve
-from gramstyle.cli.flags import EXIT_FAILURE, EXIT_OK, CLIError
+from gramstyle.cli.flags import EXIT_FAILURE, EXIT_OK, SERVER_EXTRA_INSTALL, CLIError
 from gramstyle.server.config import ServeConfig, SettingError
 from gramstyle.server.signals import Signals, StartupCancelled
 
@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace, signals: Signals) -> int:
         from gramstyle.server.serve import configure_logging
         from gramstyle.server.serve import run as serve
     except ImportError as exc:
-        raise CLIError(f"serve needs the server extra (pip install 'gramstyle[server]'): {exc}",
+        raise CLIError(f"serve needs the server extra ({SERVER_EXTRA_INSTALL}): {exc}",
                        EXIT_FAILURE) from exc
     configure_logging(config.log_level, config.log_format)
     try:

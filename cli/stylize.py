@@ -29,6 +29,19 @@ def frame_path(output: Path, iteration: int) -> Path:
     return output.with_name(f"{output.stem}_{iteration:04d}{output.suffix}")
 
 
+def finish_bar(bar, iterations: int, stop_reason: str) -> None:
+    """End the tqdm ``bar`` at the iteration where the run ended: a run that converged early
+    (see the tolerance option) stops before its cap of iterations x scales, and a bar left
+    at 47 % would look interrupted. Its total becomes the iterations run, and it says why."""
+    if bar.disable or iterations <= 0:  # -q; or not reported (an old server)
+        return
+    bar.total = iterations
+    bar.update(iterations - bar.n)
+    if stop_reason == "converged":
+        bar.set_description(f"{bar.desc} (converged)", refresh=False)
+    bar.refresh()
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("stylize", help="stylize an image (in-process, or on a server)",
                        description="Optimise an image to match content features and style "
@@ -115,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             every_step = options.resolved(None, progress_every=1)
             result = load_engine(args).stylize(**images, options=every_step,
                                                progress=on_progress, preview=want_preview)
+        finish_bar(bar, result.iterations, result.stop_reason)
     save_image(result.image, output, "output")
     if args.progress_sheet:
         from gramstyle.cli.progress_sheet import save_progress_sheet

@@ -14,12 +14,16 @@
 - production: ``tls=True`` / ``tls_ca=`` / ``tls_cert=`` + ``tls_key=`` (mutual TLS),
   ``token=`` (bearer), and ``retries=`` (default 2): a call whose server fails with
   UNAVAILABLE, even mid-stream, is repeated from the start on another replica, and
-  ``Progress.attempt`` says so (docs/deploy.md).
+  ``Progress.attempt`` says so (docs/deploy.md);
+- deadlines: every call has one, ``timeout=`` seconds on the client or the call; unset, a
+  deadline per RPC that fits a CPU run (:data:`DEFAULT_TIMEOUTS`: Stylize 30 min,
+  ComputeLosses 10 min, GetServerInfo 30 s); ``timeout=None``: none.
 
 Needs only the base install (grpcio, protobuf, pillow, tqdm): no torch, no numpy.
 """
 
 from gramstyle.client.aio import AsyncClient, AsyncStylizeStream
+from gramstyle.client.base import DEFAULT_TIMEOUTS
 from gramstyle.client.client import Client, StylizeStream
 from gramstyle.client.errors import CALLER_MISTAKES, FieldViolation, ServiceError
 from gramstyle.options import StyleOptions
@@ -34,6 +38,7 @@ from gramstyle.results import (
 
 __all__ = [
     "CALLER_MISTAKES",
+    "DEFAULT_TIMEOUTS",
     "AsyncClient",
     "AsyncStylizeStream",
     "Client",

@@ -64,13 +64,40 @@ class AsyncStylizeStream(StreamBase):
 
 
 class AsyncClient(ClientBase):
-    """Asyncio twin of :class:`gramstyle.client.Client`; same arguments and methods."""
+    """Asyncio twin of :class:`gramstyle.client.Client`; same arguments and methods.
+
+    Create it inside the running event loop (in an async function run by ``asyncio.run``),
+    and use it in that loop only: its grpc.aio channel belongs to the loop that creates it.
+    Elsewhere it raises ``RuntimeError`` saying so, instead of grpc's "Future ... attached to
+    a different loop"."""
 
     _grpc = grpc.aio
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "AsyncClient: create it inside the running event loop, e.g. `async with "
+                "AsyncClient(...) as client:` in an async function run by asyncio.run(); its "
+                "grpc.aio channel belongs to the loop that creates it") from None
+        super().__init__(*args, **kwargs)
+
+    def _check_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                "AsyncClient: called outside the event loop it was created in (a second "
+                "asyncio.run(), another thread's loop); its grpc.aio channel belongs to that "
+                "loop: create one client in each loop")
 
     def stylize_stream(self, content: Any, style: Any = (), options: Any = None, *,
                        timeout: Any = DEFAULT, **kwargs: Any) -> AsyncStylizeStream:
         """Start a Stylize call (see ``Client.stylize_stream``)."""
+        self._check_loop()
         return AsyncStylizeStream(self._stylize(content, style, options, timeout, kwargs))
 
     @staticmethod
@@ -98,11 +125,13 @@ class AsyncClient(ClientBase):
                              options: Any = None, *, timeout: Any = DEFAULT, **kwargs: Any
                              ) -> LossReport:
         """Loss terms of ``candidate`` (see ``Client.compute_losses``)."""
+        self._check_loop()
         attempts = self._compute_losses(candidate, content, style, options, timeout, kwargs)
         return codec.loss_report_from(await self._unary(attempts))
 
     async def server_info(self, *, timeout: Any = DEFAULT) -> ServerInfo:
         """The server's models, layer names, backend, device, limits and version."""
+        self._check_loop()
         return codec.server_info_from(await self._unary(self._server_info(timeout)))
 
     async def close(self) -> None:

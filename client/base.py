@@ -33,6 +33,26 @@ log = logging.getLogger("gramstyle.client")
 #: Sentinel: use the client's default timeout.
 DEFAULT: Any = object()
 
+#: The deadline of each call, in seconds, when neither the client nor the call sets
+#: ``timeout``: long enough for a CPU run at the default options while waiting behind a full
+#: queue, so that a hung server or a lost network never holds the caller forever.
+#: Stylize: 30 min -- a 512 px run takes 1 to 6 min on a 2-core CPU (docs/benchmarks.md),
+#: and the call may wait for the runs ahead of it (``--queue-size`` 4). ComputeLosses: 10 min
+#: -- seconds of work, but it queues behind Stylize runs on the same workers. GetServerInfo:
+#: 30 s -- it never queues. All attempts of a call (``retries``) share its deadline.
+DEFAULT_TIMEOUTS: dict[str, float] = {"Stylize": 1800.0, "ComputeLosses": 600.0,
+                                      "GetServerInfo": 30.0}
+
+
+def check_timeout(timeout: Any, field: str = "timeout") -> None:
+    """A deadline is a positive, finite number of seconds, None (no deadline) or DEFAULT."""
+    if timeout is None or timeout is DEFAULT:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout < float("inf"):
+        raise FieldError(field, f"must be a positive number of seconds, or None for no "
+                         f"deadline, got {timeout!r}", timeout)
+
 #: The most ``retries`` a client accepts: more only hides an outage for longer.
 MAX_RETRIES = 10
 
@@ -96,8 +116,10 @@ class ClientBase:
         target: ``"host:port"``, a gRPC target URI (``"dns:///svc:50051"``), or several
             addresses (a list or comma-separated) balanced round_robin; see
             :mod:`gramstyle.client.channel`.
-        timeout: default deadline of each call in seconds, all its attempts together
-            (None: no deadline).
+        timeout: deadline of each call in seconds, all its attempts together; unset: a
+            deadline per RPC that fits a CPU run (:data:`DEFAULT_TIMEOUTS`: Stylize 1800,
+            ComputeLosses 600, GetServerInfo 30); None: no deadline. A call's own
+            ``timeout=`` overrides it.
         retries: how many times a call that fails with UNAVAILABLE is repeated from the
             start, on another replica when there is one (default 2, 0 = never, at most 10).
             This covers a server that dies in the middle of a Stylize stream: the stream
@@ -123,7 +145,7 @@ class ClientBase:
     #: grpc or grpc.aio: where the channel constructors come from.
     _grpc: Any = grpc
 
-    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = DEFAULT,
                  retries: int = 2, tls: bool = False, tls_ca: PemSource | None = None,
                  tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
                  tls_server_name: str | None = None, token: str | None = None,
@@ -135,7 +157,9 @@ class ClientBase:
                 or not 0 <= retries <= MAX_RETRIES:
             raise FieldError("retries", f"must be an integer between 0 and {MAX_RETRIES}, "
                              f"got {retries!r}", retries)
+        check_timeout(timeout)
         self.target = normalize_target(target)
+        #: The deadline of every call in seconds; None: none; DEFAULT: DEFAULT_TIMEOUTS.
         self.timeout = timeout
         self.retries = retries
         from_tls = tls_credentials(tls, tls_ca, tls_cert, tls_key)
@@ -164,8 +188,17 @@ class ClientBase:
         def start(remaining: float | None) -> Any:
             return method(request, timeout=remaining, metadata=self.metadata)
 
-        return Attempts(start, self.retries, self.timeout if timeout is DEFAULT else timeout,
-                        rpc)
+        return Attempts(start, self.retries, self.deadline(rpc, timeout), rpc)
+
+    def deadline(self, rpc: str, timeout: Any = DEFAULT) -> float | None:
+        """The deadline in seconds of a call of ``rpc`` ('Stylize', 'ComputeLosses',
+        'GetServerInfo') given the call's ``timeout``: its own, else the client's, else
+        :data:`DEFAULT_TIMEOUTS`; None means no deadline."""
+        check_timeout(timeout)
+        for choice in (timeout, self.timeout):
+            if choice is not DEFAULT:
+                return choice
+        return DEFAULT_TIMEOUTS[rpc]
 
     def _stylize(self, content: Any, style: Any, options: Any, timeout: Any,
                  kwargs: dict) -> Attempts:

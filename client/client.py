@@ -97,7 +97,8 @@ class Client(ClientBase):
         Args:
             content, style: one image or a sequence (paths, bytes or PIL images).
             options: a ``StyleOptions`` (or any object with its fields) to start from.
-            timeout: deadline in seconds for the whole stream (default: the client's).
+            timeout: deadline in seconds for the whole stream (default: the client's, else
+                ``DEFAULT_TIMEOUTS["Stylize"]``, 30 min; None: no deadline).
             **kwargs: any ``StyleOptions`` field (size=256, iterations=100,
                 style_layers=[...], ...; None leaves the server default), the other image
                 inputs of Stylize by name (see :mod:`gramstyle.inputs`; init_image: the

@@ -17,7 +17,8 @@ and :mod:`~gramstyle.engine.lbfgs` (the optimisation loop), :mod:`~gramstyle.eng
 transfer, colour matching), :mod:`~gramstyle.engine.masks` (style region and source masks
 brought to each layer: guided Gram matrices),
 :mod:`~gramstyle.engine.precision` (fp32/bf16 choice), :mod:`~gramstyle.engine.target_cache`
-(the byte-bounded LRU of style/content targets).
+(the byte-bounded LRU of style/content targets), :mod:`~gramstyle.engine.imagenet_weights`
+(fetching and checking the ImageNet weights ahead of time).
 
 This package never imports :mod:`gramstyle.server`. Names are imported lazily, so importing
 a light submodule does not load torch.

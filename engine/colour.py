@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from gramstyle.engine.tensors import to_image
+from gramstyle.errors import FieldError
 
 # RGB <-> YIQ, for colour preservation (luminance-only transfer).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
@@ -65,7 +66,7 @@ def match_colours(style: torch.Tensor, content: torch.Tensor, method: str = "sqr
     outside [0, 1] as they are). Computed in float64.
     """
     if method not in ("sqrt", "cholesky"):
-        raise ValueError(f"method: must be 'sqrt' or 'cholesky', got {method!r}")
+        raise FieldError("method", f"must be 'sqrt' or 'cholesky', got {method!r}")
     xs = style.double().flatten(2)[0]   # [3, Ns]
     xc = content.double().flatten(2)[0]  # [3, Nc]
     mu_s, mu_c = xs.mean(1, keepdim=True), xc.mean(1, keepdim=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -65,13 +66,14 @@ def _load_imagenet(arch: str, features: nn.Sequential) -> None:
     weights = _BUILDERS[arch][1]
     path = imagenet_weights_path(arch)
     try:
-        state = weights.get_state_dict(progress=False, check_hash=False)
+        state = weights.get_state_dict(progress=False, check_hash=False, weights_only=True)
     except Exception as exc:  # no network, proxy refusal, corrupt cache ...
         raise WeightsError(
             f"cannot load ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
             f"Expected the file {path} (torchvision's cache; set TORCH_HOME to move it). "
-            f"Download it on a machine with internet, or use --weights random (a seeded "
-            f"random network) or --weights PATH (a local state_dict file)."
+            f"Fetch it on a machine with internet with `gramstyle weights fetch --arch {arch}` "
+            f"(it prints the path and the SHA-256) and copy it there, or use --weights random "
+            f"(a seeded random network) or --weights PATH (a local state_dict file)."
         ) from exc
     _load_state(features, state, f"ImageNet {arch} file {path}")
 
@@ -84,13 +86,25 @@ def _load_file(path: str, features: nn.Sequential, arch: str) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot load {path!r} as a torch state_dict (a file written by "
-                           f"torch.save): {type(exc).__name__}: {exc}", path) from exc
+        raise WeightsError(f"{path!r} is not a weights file: torch cannot read it as a "
+                           f"state_dict of tensors written by torch.save "
+                           f"({_load_failure(exc)}); give a VGG state_dict file, or imagenet "
+                           f"or random", path) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"{path!r} holds a {type(state).__name__}, not a state_dict", path)
     _load_state(features, state, f"{path!r}", arch)
+
+
+def _load_failure(exc: Exception) -> str:
+    """What went wrong in torch.load, in a few words. torch's own text for a file that is not
+    a checkpoint advises re-running with weights_only=False, i.e. unpickling an untrusted
+    file, which gramstyle never does: only its first sentence is kept, and not that one."""
+    first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in first or len(first) > 120:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first}"
 
 
 def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "") -> None:
@@ -105,6 +119,7 @@ def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "")
             f"{what} does not match {arch or 'the'} VGG features: "
             f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
             f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+            f"{_other_arch_hint(state, arch)}"
         )
     for key, tensor in expected.items():
         value = state[key]
@@ -113,6 +128,22 @@ def _load_state(features: nn.Sequential, state: dict, what: str, arch: str = "")
             raise WeightsError(f"{what}: key {key!r} has shape {shape}, "
                                f"expected {tuple(tensor.shape)}")
     features.load_state_dict({k: state[k].float() for k in expected})
+
+
+def _other_arch_hint(state: dict, arch: str) -> str:
+    """"; this looks like a VGG16 state dict: add --arch vgg16" when ``state`` (features
+    keys) has exactly the keys and shapes of the other architecture's features, else ""."""
+    for other in _BUILDERS:
+        if other == arch:
+            continue
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            expected = _BUILDERS[other][0](weights=None).features.state_dict()
+        if state.keys() == expected.keys() and all(
+                isinstance(state[k], torch.Tensor) and state[k].shape == v.shape
+                for k, v in expected.items()):
+            advice = "use --arch vgg19 (the default)" if other == "vgg19" else f"add --arch {other}"
+            return f"; this looks like a {other.upper()} state dict: {advice}"
+    return ""
 
 
 class VGGFeatures(nn.Module):

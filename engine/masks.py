@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.errors import FieldError
 from gramstyle.images import long_side_size
 
 #: The error-message names of the two kinds of mask (followed by ``[i]``).
@@ -43,7 +44,7 @@ SOURCE_FIELD = "style_source_mask"
 def check_count(masks: Sequence[object], styles: int, field: str) -> None:
     """``masks`` is empty (no masks) or has one entry per style image (None: no mask)."""
     if masks and len(masks) != styles:
-        raise ValueError(f"{field}: {len(masks)} given for {styles} style image(s); give one "
+        raise FieldError(field, f"{len(masks)} given for {styles} style image(s); give one "
                          f"per style, in the same order (None for a style without one)")
 
 
@@ -52,7 +53,7 @@ def check_aspect(mask: Image.Image, size: tuple[int, int], field: str, covers: s
     ``size``'s long side, it must come within 1 px of ``size`` on each side."""
     width, height = long_side_size(mask.width, mask.height, max(size))
     if abs(width - size[0]) > 1 or abs(height - size[1]) > 1:
-        raise ValueError(f"{field}: {mask.width}x{mask.height} px does not have the aspect "
+        raise FieldError(field, f"{mask.width}x{mask.height} px does not have the aspect "
                          f"ratio of {covers} ({size[0]}x{size[1]} px); the mask is resized to "
                          f"it, so give a mask of the same proportions")
 
@@ -69,7 +70,7 @@ def mask_tensor(mask: Image.Image, size: tuple[int, int], device: torch.device |
     if grey.size != tuple(size):
         grey = grey.resize(tuple(size), Image.Resampling.BILINEAR)
     if grey.getextrema()[1] == 0:
-        raise ValueError(f"{field}: the mask is black everywhere at {size[0]}x{size[1]} px, so "
+        raise FieldError(field, f"the mask is black everywhere at {size[0]}x{size[1]} px, so "
                          f"it selects nothing; white marks where the style applies")
     return (pil_to_tensor(grey).float() / 255).unsqueeze(0).to(device)
 

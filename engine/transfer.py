@@ -95,7 +95,7 @@ def _load_masks(sources: Sequence[ImageSource | None] | None, field: str, max_pi
         return []
     if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
             sources, "__fspath__"):
-        raise ValueError(f"{field}: give a sequence with one mask per style image (None for "
+        raise FieldError(field, f"give a sequence with one mask per style image (None for "
                          f"a style without one), not a single {type(sources).__name__}")
     return [None if s is None else load_image(s, f"{field}[{i}]", max_pixels, check=check)
             for i, s in enumerate(sources)]

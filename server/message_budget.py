@@ -46,6 +46,7 @@ from typing import Any
 
 import grpc
 
+from gramstyle.errors import FieldError
 from gramstyle.server.allocator import trim_soon
 
 #: Bytes a message costs while it is received, per byte of the largest accepted message:
@@ -84,9 +85,9 @@ class MessageBudget:
                  arrival_timeout_s: float = DEFAULT_ARRIVAL_TIMEOUT_S,
                  on_change: Callable[[int], None] | None = None):
         if limit <= 0:
-            raise ValueError(f"message_budget: must be > 0 bytes, got {limit}")
+            raise FieldError("message_budget", f"must be > 0 bytes, got {limit}")
         if not arrival_timeout_s > 0:
-            raise ValueError(f"message_timeout: must be > 0 s, got {arrival_timeout_s}")
+            raise FieldError("message_timeout", f"must be > 0 s, got {arrival_timeout_s}")
         self.limit = limit
         self.receipt = min(limit, RECEIVE_FACTOR * max_message_bytes)
         self.arrival_timeout_s = arrival_timeout_s
