@@ -60,6 +60,7 @@ from importlib import resources
 from typing import Any
 
 import grpc
+import h11
 import uvicorn
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -450,8 +451,9 @@ class _GuardedH11(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or self.cycle is not self._waiting_after:
             return
-        if self._head_bytes:  # part of a request came: say why it is cut (h11 cannot
-            # answer a request it has not parsed, so the answer is written here)
+        if self._head_bytes and self.conn.their_state is h11.IDLE:  # part of a request
+            # came: say why it is cut (h11 cannot answer a request it has not parsed, so the
+            # answer is written here)
             self.front.timeouts.labels(phase="head").inc()
             body = json.dumps(error_object(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -686,7 +688,10 @@ class HttpFront:
         except BodyTooLarge:
             context.close_connection = True
             await self._too_large(context, None)
-        except TimeoutError:  # (TimeoutError from Python 3.11)
+        except ClientDisconnect:  # the caller left while sending: as a gRPC cancel
+            await context.abort(grpc.StatusCode.CANCELLED,
+                                "request body: the client disconnected before sending it all")
+        except TimeoutError:  # asyncio.wait_for raises the builtin from Python 3.11
             self.timeouts.labels(phase="body").inc()
             context.http_status, context.close_connection = 408, True
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
