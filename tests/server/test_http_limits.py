@@ -3,7 +3,8 @@
 
 Covers: a request head sent too slowly (408, then closed) or not at all (closed), a body sent
 too slowly (408 in the JSON error shape, DEADLINE_EXCEEDED, then closed), the connection cap
-(503 at once, and served again once connections close), /healthz and gRPC health under
+(503 at once, and served again once connections close), a client that leaves mid-body
+(CANCELLED, not INTERNAL), /healthz and gRPC health under
 100 ms with 500 idle and slow connections open, the counts of all this in metrics, and
 ``X-Request-Timeout``: parsed as documented, a bad value a 400 naming the header, and a
 deadline that passes stops the job and answers 504 DEADLINE_EXCEEDED (JSON, or an ``error``
