@@ -664,7 +664,6 @@ class HttpFront:
         request = context.request
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            context.close_connection = True
             await self._too_large(context, int(length))
         charged = _charged(request, charge)
         name = message.DESCRIPTOR.full_name
@@ -685,9 +684,6 @@ class HttpFront:
                     raise ValueError(f"request body: expected a JSON object ({name}), got "
                                      f"{type(value).__name__}")
                 json_format.ParseDict(value, message)
-        except BodyTooLarge:
-            context.close_connection = True
-            await self._too_large(context, None)
         except ClientDisconnect:  # the caller left while sending: as a gRPC cancel
             await context.abort(grpc.StatusCode.CANCELLED,
                                 "request body: the client disconnected before sending it all")
@@ -697,6 +693,8 @@ class HttpFront:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"request body: not received in full within "
                                 f"{self.body_timeout_s:g} s (--http-body-timeout)")
+        except BodyTooLarge:
+            await self._too_large(context, None)
         except json_format.ParseError as exc:
             await _abort_invalid(context, _parse_problem(exc, message))
         except SystemError as exc:
@@ -731,6 +729,7 @@ class HttpFront:
 
     async def _too_large(self, context: HttpContext, length: int | None) -> None:
         context.http_status = 413
+        context.close_connection = True  # the rest of the body is not read
         size = f"{length} bytes, " if length is not None else ""
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"request body: {size}over this server's limit of "
