@@ -77,11 +77,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gramstyle.server.config import (
-    DEFAULT_HTTP_BODY_TIMEOUT_S,
-    DEFAULT_HTTP_HEADER_TIMEOUT_S,
-    DEFAULT_HTTP_MAX_CONNECTIONS,
-)
 from gramstyle.server.interceptors import REQUEST_ID_KEY, observe
 from gramstyle.server.metrics import Metrics
 from gramstyle.server.security import UNAUTHENTICATED_MESSAGE, TlsFiles, TokenStore
@@ -539,17 +534,18 @@ class HttpFront:
         public_reflection: GetServerInfo answers without a token too.
         tls: serve HTTPS with these files (None: plain HTTP).
         header_timeout_s: how long a connection may take to send a request's line and
-            headers (s), from when it opens or from its previous answer.
-        body_timeout_s: how long a call may take to receive its body (s); then 408.
-        max_connections: connections served at once; a request on one beyond them gets 503.
+            headers (s), from when it opens or from its previous answer
+            (``ServeConfig.http_header_timeout_s``).
+        body_timeout_s: how long a call may take to receive its body (s); then 408
+            (``http_body_timeout_s``).
+        max_connections: connections served at once; a request on one beyond them gets 503
+            (``http_max_connections``).
     """
 
     def __init__(self, service: StyleTransferService, health: Any, metrics: Metrics, *,
                  max_message_bytes: int, tokens: TokenStore | None = None,
                  public_reflection: bool = False, tls: TlsFiles | None = None,
-                 header_timeout_s: float = DEFAULT_HTTP_HEADER_TIMEOUT_S,
-                 body_timeout_s: float = DEFAULT_HTTP_BODY_TIMEOUT_S,
-                 max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS):
+                 header_timeout_s: float, body_timeout_s: float, max_connections: int):
         self.service, self.health, self.metrics = service, health, metrics
         self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
         self.max_connections = max_connections
