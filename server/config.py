@@ -56,6 +56,15 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 100
 #: Connection age (s) after which the server asks the client to reconnect (GOAWAY), so that
 #: clients balancing over DNS (a headless Service) find replicas added by a scale-up.
 MAX_CONNECTION_AGE_S = 300.0
+#: How long an HTTP connection may take to send a request's line and headers (s): ample for
+#: any client, short enough that slow senders (slowloris) cannot pile up.
+DEFAULT_HTTP_HEADER_TIMEOUT_S = 10.0
+#: How long an HTTP request's body may take to arrive (s): a body at the default limit
+#: (85 MiB of base64) at 1.5 MB/s.
+DEFAULT_HTTP_BODY_TIMEOUT_S = 60.0
+#: HTTP connections served at once (each is a file descriptor; the server raises its soft
+#: descriptor limit to fit them when the hard limit allows).
+DEFAULT_HTTP_MAX_CONNECTIONS = 1000
 #: The most any memory setting may say, bytes (1 PiB): more than any machine, and far inside
 #: the int64 that GetServerInfo reports it in.
 _MAX_MEMORY = 2**50
@@ -299,6 +308,24 @@ class ServeConfig:
         "also serve HTTP/JSON (POST /v1/stylize as server-sent events, /v1/losses, /v1/info, "
         "/healthz, /readyz) and a page at / on this port, with the same TLS, tokens and "
         "limits; see docs/http.md", parse=int, low=0, high=65535, metavar="PORT")
+    #: How long (s) an HTTP connection may take to send a request line and headers.
+    http_header_timeout_s: float = _setting(
+        DEFAULT_HTTP_HEADER_TIMEOUT_S, "--http-header-timeout",
+        "HTTP: how long a connection may take to send a request's line and headers, from "
+        "when it opens or from its previous answer; then it is closed (408 if part of a "
+        "request came)", parse=float, low=0.1, high=_MAX_SECONDS, metavar="SECONDS")
+    #: How long (s) an HTTP request's body may take to arrive in full.
+    http_body_timeout_s: float = _setting(
+        DEFAULT_HTTP_BODY_TIMEOUT_S, "--http-body-timeout",
+        "HTTP: how long a request's body may take to arrive in full; then the call is "
+        "answered 408 and the connection closed", parse=float, low=0.1, high=_MAX_SECONDS,
+        metavar="SECONDS")
+    #: HTTP connections served at once; a request on one beyond it is answered 503.
+    http_max_connections: int = _setting(
+        DEFAULT_HTTP_MAX_CONNECTIONS, "--http-max-connections",
+        "HTTP connections open at once; a request on a connection beyond them is answered "
+        "503 UNAVAILABLE at once and that connection closed", parse=int, low=1,
+        high=100_000, metavar="N")
     #: The server closes (GOAWAY) a client connection after about this long, seconds.
     max_connection_age_s: float = _setting(
         MAX_CONNECTION_AGE_S, None,
@@ -369,6 +396,7 @@ def flag_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["DEFAULT_MAX_CONCURRENT_STREAMS", "DEFAULT_MAX_IMAGES", "DEFAULT_MAX_MESSAGE_MB",
-           "ENV_PREFIX", "MAX_CONNECTION_AGE_S", "MAX_MESSAGE_MB", "ServeConfig", "Setting",
-           "SettingError", "flag_table"]
+__all__ = ["DEFAULT_HTTP_BODY_TIMEOUT_S", "DEFAULT_HTTP_HEADER_TIMEOUT_S",
+           "DEFAULT_HTTP_MAX_CONNECTIONS", "DEFAULT_MAX_CONCURRENT_STREAMS", "DEFAULT_MAX_IMAGES",
+           "DEFAULT_MAX_MESSAGE_MB", "ENV_PREFIX", "MAX_CONNECTION_AGE_S", "MAX_MESSAGE_MB",
+           "ServeConfig", "Setting", "SettingError", "flag_table"]

@@ -32,6 +32,16 @@ them; a body over :func:`body_limit` refused from its Content-Length before it i
 counted while it streams; a client that disconnects cancels its call (the job stops within a
 second); while the server drains, new calls get 503 UNAVAILABLE and calls in flight may finish
 within the grace period. It runs under uvicorn on the gRPC server's event loop.
+
+Slow and idle clients (slowloris) are bounded: a connection has ``header_timeout_s`` to send
+a request's line and headers (from when it opens, or from its previous answer; then it is
+closed, 408 when part of a request came), a call has ``body_timeout_s`` to receive its body
+(then 408), at most ``max_connections`` connections are served at once (a request on one
+beyond them is answered 503 at once and the connection closed), and a request's head is at
+most :data:`MAX_HEAD_BYTES`. A call may carry a deadline, ``X-Request-Timeout: 30s``
+(:func:`parse_timeout`), enforced as gRPC enforces its deadline: the call is cancelled when
+it passes (the job stops), ``time_remaining()`` counts down to it, and the answer is 504
+DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -44,17 +54,20 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
 import grpc
+import h11
 import uvicorn
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
+from prometheus_client import Counter, Gauge
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -62,6 +75,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.server.interceptors import REQUEST_ID_KEY, observe
@@ -94,12 +108,38 @@ SHUTTING_DOWN_MESSAGE = "the server is shutting down; try another replica or ret
 _DETAILS_KEY = "grpc-status-details-bin"
 _PARSE_FIELD = re.compile(r"Failed to parse (\w+) field")
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", ""}
+#: The largest request line plus headers (bytes); a longer head is answered 400 (h11's own
+#: default, set here so that it is a decision, not an accident).
+MAX_HEAD_BYTES = 16 * 1024
+#: The header that carries a call's deadline (a duration: 30s, 500ms, 2m, 1.5h, or seconds).
+TIMEOUT_HEADER = "x-request-timeout"
+#: The longest deadline (s): gRPC's grpc-timeout header holds at most 8 digits of a unit.
+MAX_TIMEOUT_S = 99_999_999.0
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: File descriptors kept free beside the HTTP connections (gRPC, models, logs).
+_SPARE_DESCRIPTORS = 256
 
 
 def body_limit(max_message_bytes: int) -> int:
     """The largest request body (bytes) for a message limit: the base64 of a message at the
     limit (4/3 of it) plus the JSON around it."""
     return max_message_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
+
+
+def parse_timeout(text: str) -> float:
+    """A call's ``X-Request-Timeout`` in seconds: a number and an optional unit, ``ms``,
+    ``s`` (the default), ``m`` or ``h`` (``30s``, ``500ms``, ``2m``, ``1.5``). Raises
+    ValueError naming the header when it is not one, or not in (0, MAX_TIMEOUT_S]."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{TIMEOUT_HEADER}: expected a duration such as 30s, 500ms or 2m, "
+                         f"got {text[:40]!r}")
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"{TIMEOUT_HEADER}: must be more than 0 and at most "
+                         f"{MAX_TIMEOUT_S:.0f} s, got {text[:40]!r}")
+    return seconds
 
 
 def to_json(message: Message) -> dict:
@@ -145,6 +185,22 @@ class HttpContext:
         #: Set once the body has been read: from then on the connection's only message is
         #: its end (a disconnect).
         self.body_read = asyncio.Event()
+        #: The call's deadline (time.monotonic() seconds) from X-Request-Timeout, if any; a
+        #: header that is not a duration is kept in ``timeout_problem`` (a 400 once admitted).
+        self.deadline: float | None = None
+        self.timeout_problem: str | None = None
+        timeout = request.headers.get(TIMEOUT_HEADER)
+        if timeout is not None:
+            try:
+                self.deadline = time.monotonic() + parse_timeout(timeout)
+            except ValueError as exc:
+                self.timeout_problem = str(exc)
+        #: The deadline passed and the call was cancelled for it.
+        self.expired = False
+        #: The answer's head, and its end, have been sent.
+        self.started = self.finished = False
+        #: Answer with ``connection: close`` (a body left unread).
+        self.close_connection = False
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -176,7 +232,9 @@ class HttpContext:
         return self._details
 
     def time_remaining(self) -> float | None:
-        return None  # HTTP calls carry no deadline; a client that gives up disconnects
+        """Seconds to the call's deadline (X-Request-Timeout), or None without one; <= 0
+        once it passed, as grpc.aio's."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
     def cancelled(self) -> bool:
         return False
@@ -188,7 +246,10 @@ class HttpContext:
                             self.http_status)
 
     def headers(self) -> dict[str, str]:
-        return {REQUEST_ID_KEY: self.request_id} if self.request_id else {}
+        headers = {REQUEST_ID_KEY: self.request_id} if self.request_id else {}
+        if self.close_connection:
+            headers["connection"] = "close"
+        return headers
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -269,18 +330,18 @@ async def _message_from_form(form: Any, message: Message) -> None:
             getattr(message, field.name).add(data=data)
 
 
-def _limited(request: Request, limit: int) -> Request:
-    """``request`` whose body raises :class:`BodyTooLarge` as soon as more than ``limit``
-    bytes have arrived (a chunked body has no Content-Length to check first)."""
-    seen = 0
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
+
+def _charged(request: Request, charge: Callable[[int], None]) -> Request:
+    """``request`` whose body passes every chunk's size to ``charge`` as it arrives, which
+    raises (:class:`BodyTooLarge`) to refuse the rest (a chunked body has no Content-Length
+    to check first)."""
     async def receive() -> dict:
-        nonlocal seen
         event = await request.receive()
         if event["type"] == "http.request":
-            seen += len(event.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(f"over {limit}")
+            charge(len(event.get("body", b"")))
         return event
     return Request(request.scope, receive)
 
@@ -325,6 +386,103 @@ class _TlsContext:
 
 
 # ---------------------------------------------------------------------------- the front
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 connection with what uvicorn leaves out: a deadline on each request's
+    head and a cap on connections (see :class:`HttpFront`; ``front`` is set on a subclass
+    made per front).
+
+    uvicorn times a connection out only while it is idle after an answer, and any byte
+    resets that; a new connection, or one sending its head a byte at a time, is never
+    cut. Here a timer starts when the connection opens and after each answer, and only a
+    complete head (a new request/response cycle) stops it."""
+
+    front: HttpFront
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._waiting_after: Any = None  # the cycle whose successor's head is awaited
+        self._head_bytes = 0
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        front = self.front
+        if len(front.connections) >= front.max_connections:
+            self.app = front.over_capacity  # its request is answered 503, then closed
+            front.refused_connections.inc()
+        else:
+            front.connections.add(self)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        self.front.connections.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_timer is not None and self.cycle is not self._waiting_after:
+            self._stop_head_timer()  # a whole head came: the call's own limits take over
+
+    def on_response_complete(self) -> None:
+        finished = self.cycle
+        super().on_response_complete()  # may start a pipelined request's cycle
+        if self.cycle is finished and not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._waiting_after, self._head_bytes = self.cycle, 0
+        self._head_timer = self.loop.call_later(self.front.header_timeout_s,
+                                                self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.cycle is not self._waiting_after:
+            return
+        if self._head_bytes and self.conn.their_state is h11.IDLE:  # part of a request
+            # came: say why it is cut (h11 cannot answer a request it has not parsed, so the
+            # answer is written here)
+            self.front.timeouts.labels(phase="head").inc()
+            body = json.dumps(error_object(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request line and headers: not received within "
+                f"{self.front.header_timeout_s:g} s (--http-header-timeout)",
+                http_status=408), separators=(",", ":")).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        else:
+            self.front.timeouts.labels(phase="idle").inc()
+        self.transport.close()
+
+
+def _fit_descriptor_limit(wanted: int) -> None:
+    """Raise this process's soft limit of open files to ``wanted`` when it is lower (each
+    HTTP connection is one), as far as the hard limit allows."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if new > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < wanted:
+        log.warning("open-file limit %d is below the %d that --http-max-connections needs; "
+                    "raise it (ulimit -n) or lower --http-max-connections", new, wanted)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -378,12 +536,35 @@ class HttpFront:
         tokens: bearer tokens required on every route but the page and health (None: none).
         public_reflection: GetServerInfo answers without a token too.
         tls: serve HTTPS with these files (None: plain HTTP).
+        header_timeout_s: how long a connection may take to send a request's line and
+            headers (s), from when it opens or from its previous answer
+            (``ServeConfig.http_header_timeout_s``).
+        body_timeout_s: how long a call may take to receive its body (s); then 408
+            (``http_body_timeout_s``).
+        max_connections: connections served at once; a request on one beyond them gets 503
+            (``http_max_connections``).
     """
 
     def __init__(self, service: StyleTransferService, health: Any, metrics: Metrics, *,
                  max_message_bytes: int, tokens: TokenStore | None = None,
-                 public_reflection: bool = False, tls: TlsFiles | None = None):
+                 public_reflection: bool = False, tls: TlsFiles | None = None,
+                 header_timeout_s: float, body_timeout_s: float, max_connections: int):
         self.service, self.health, self.metrics = service, health, metrics
+        self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
+        self.max_connections = max_connections
+        #: The connections being served (at most ``max_connections``).
+        self.connections: set[asyncio.Protocol] = set()
+        Gauge("gramstyle_http_connections", "HTTP connections being served.",
+              registry=metrics.registry).set_function(lambda: len(self.connections))
+        self.refused_connections = Counter(
+            "gramstyle_http_connections_refused",
+            "HTTP connections answered 503 for being over --http-max-connections.",
+            registry=metrics.registry)
+        self.timeouts = Counter(
+            "gramstyle_http_timeouts",
+            "HTTP connections or calls cut for slowness: phase=idle (nothing sent within "
+            "--http-header-timeout), head (a partial request line or headers), body "
+            "(--http-body-timeout).", ["phase"], registry=metrics.registry)
         self.max_message_bytes = max_message_bytes
         self.max_body_bytes = body_limit(max_message_bytes)
         self.tokens, self.public_reflection = tokens, public_reflection
@@ -454,29 +635,63 @@ class HttpFront:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         if self.draining and not health:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN_MESSAGE)
+        if context.timeout_problem is not None:
+            await _abort_invalid(context, context.timeout_problem)
 
-    async def read(self, context: HttpContext, message: Message) -> Message:
+    @contextlib.asynccontextmanager
+    async def body_budget(self, context: HttpContext) -> AsyncIterator[Callable[[int], None]]:
+        """The one place a call's request-body bytes are accounted, held for the whole call
+        (its message lives that long): yields ``charge(nbytes)``, called with each chunk as
+        it arrives, which raises :class:`BodyTooLarge` past this call's limit. A total
+        in-flight budget shared with gRPC would be charged in ``charge`` (refusing or
+        waiting) and released on exit here."""
+        seen = 0
+
+        def charge(nbytes: int) -> None:
+            nonlocal seen
+            seen += nbytes
+            if seen > self.max_body_bytes:
+                raise BodyTooLarge(f"over {self.max_body_bytes}")
+        yield charge
+
+    async def read(self, context: HttpContext, message: Message,
+                   charge: Callable[[int], None]) -> Message:
         """Fill ``message`` from the body (JSON, or multipart/form-data), refusing a body over
-        the limit before reading it (Content-Length) or as soon as it passes it."""
+        the limit before reading it (Content-Length) or as soon as it passes it (``charge``,
+        from :meth:`body_budget`), and one that takes over ``body_timeout_s`` to arrive
+        (408)."""
         request = context.request
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await self._too_large(context, int(length))
-        limited = _limited(request, self.max_body_bytes)
+        charged = _charged(request, charge)
         name = message.DESCRIPTOR.full_name
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                async with limited.form(max_files=self.service.max_images + 1,
-                                        max_fields=200) as form:
+                form = await asyncio.wait_for(
+                    _awaited(charged.form(max_files=self.service.max_images + 1,
+                                          max_fields=200)), self.body_timeout_s)
+                try:
                     await _message_from_form(form, message)
+                finally:
+                    await form.close()
             else:
-                body = await limited.body()
+                body = await asyncio.wait_for(charged.body(), self.body_timeout_s)
                 context.body_read.set()
                 value = json.loads(body) if body.strip() else {}
                 if not isinstance(value, dict):
                     raise ValueError(f"request body: expected a JSON object ({name}), got "
                                      f"{type(value).__name__}")
                 json_format.ParseDict(value, message)
+        except ClientDisconnect:  # the caller left while sending: as a gRPC cancel
+            await context.abort(grpc.StatusCode.CANCELLED,
+                                "request body: the client disconnected before sending it all")
+        except TimeoutError:  # asyncio.wait_for raises the builtin from Python 3.11
+            self.timeouts.labels(phase="body").inc()
+            context.http_status, context.close_connection = 408, True
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"request body: not received in full within "
+                                f"{self.body_timeout_s:g} s (--http-body-timeout)")
         except BodyTooLarge:
             await self._too_large(context, None)
         except json_format.ParseError as exc:
@@ -513,6 +728,7 @@ class HttpFront:
 
     async def _too_large(self, context: HttpContext, length: int | None) -> None:
         context.http_status = 413
+        context.close_connection = True  # the rest of the body is not read
         size = f"{length} bytes, " if length is not None else ""
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"request body: {size}over this server's limit of "
@@ -531,8 +747,11 @@ class HttpFront:
     async def start(self) -> None:
         """Serve on the bound socket, on the running event loop."""
         assert self._socket is not None, "bind() first"
+        _fit_descriptor_limit(self.max_connections + _SPARE_DESCRIPTORS)
+        protocol = type("GuardedH11", (_GuardedH11,), {"front": self})
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
                                 log_level="warning", server_header=False, ws="none",
+                                http=protocol, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=None)
         config.load()
         if self._tls is not None:
@@ -560,6 +779,13 @@ class HttpFront:
         elif self._socket is not None:
             self._socket.close()
 
+    async def over_capacity(self, _scope: dict, _receive: Callable, send: Callable) -> None:
+        """The ASGI app of a connection beyond ``max_connections``: 503, then close."""
+        error = error_object(grpc.StatusCode.UNAVAILABLE,
+                             f"too many HTTP connections (--http-max-connections "
+                             f"{self.max_connections}); retry later")
+        await _send_json(send, 503, error, {"connection": "close"})
+
     def cancel_calls(self) -> None:
         """Cancel every compute call in flight (the end of the grace period, or a second
         signal)."""
@@ -585,18 +811,19 @@ class _Rpc:
 
     async def behavior(self, _request: None, context: HttpContext) -> AsyncIterator[Message]:
         await self.front.admit(context, self.public, self.health)
-        request = None
-        if self.request_type is not None:
-            if context.request.method == "GET":
-                request = self.request_type()
+        async with self.front.body_budget(context) as charge:
+            request = None
+            if self.request_type is not None:
+                if context.request.method == "GET":
+                    request = self.request_type()
+                else:
+                    request = await self.front.read(context, self.request_type(), charge)
+            context.body_read.set()
+            if self.stream:
+                async for message in self.handler(request, context):
+                    yield message
             else:
-                request = await self.front.read(context, self.request_type())
-        context.body_read.set()
-        if self.stream:
-            async for message in self.handler(request, context):
-                yield message
-        else:
-            yield await self.handler(request, context)
+                yield await self.handler(request, context)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         context = HttpContext(Request(scope, receive))
@@ -608,11 +835,16 @@ class _Rpc:
             self.front._calls.add(answer)
         gone = asyncio.create_task(_wait_disconnect(context, receive))
         try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not answer.done():  # the client left: cancel its call (stops the job)
+            done, _ = await asyncio.wait({answer, gone}, timeout=context.time_remaining(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():  # the client left, or the deadline passed: cancel the
+                context.expired = not done  # call (that stops the job), as gRPC does
                 answer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ClientDisconnect, OSError):
                 await answer
+            if context.expired and not context.finished:
+                with contextlib.suppress(ClientDisconnect, OSError):
+                    await _send_deadline_exceeded(context, send)
         finally:
             gone.cancel()
             if compute:
@@ -631,7 +863,7 @@ class _Rpc:
                         (b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
                         *_raw(context.headers())]})
-                    started = True
+                    started = context.started = True
                 kind = message.WhichOneof("kind") or "message"
                 await send({"type": "http.response.body", "body": _sse(kind, to_json(message)),
                             "more_body": True})
@@ -642,9 +874,11 @@ class _Rpc:
             else:
                 error = context.error()
                 await _send_json(send, error["error"]["code"], error, context.headers())
+            context.finished = True
             return
         except asyncio.CancelledError:
-            if started and self.front.draining:  # the grace period ended: say so
+            if started and self.front.draining and not context.expired:  # the grace
+                # period ended: say so
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": _sse("error", error_object(
@@ -655,6 +889,23 @@ class _Rpc:
         else:
             message = messages[-1]
             await _send_json(send, self.ok(message), to_json(message), context.headers())
+        context.finished = True
+
+
+async def _send_deadline_exceeded(context: HttpContext, send: Callable) -> None:
+    """End a call whose deadline passed: 504 DEADLINE_EXCEEDED, or an ``error`` event when
+    its stream had begun."""
+    timeout = context.request.headers.get(TIMEOUT_HEADER, "")
+    error = error_object(grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"deadline exceeded: the call took longer than its "
+                         f"{TIMEOUT_HEADER} of {timeout.strip()}")
+    if context.started:
+        await send({"type": "http.response.body", "body": _sse("error", error),
+                    "more_body": False})
+    else:
+        context.close_connection = True  # its body may be unread
+        await _send_json(send, 504, error, context.headers())
+    context.finished = True
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -669,5 +920,6 @@ async def _send_json(send: Callable, status: int, body: dict, headers: dict[str,
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-__all__ = ["HTTP_STATUS", "BodyTooLarge", "HttpContext", "HttpFront", "body_limit",
-           "error_object", "to_json"]
+__all__ = ["HTTP_STATUS", "MAX_HEAD_BYTES", "MAX_TIMEOUT_S", "TIMEOUT_HEADER", "BodyTooLarge",
+           "HttpContext", "HttpFront", "body_limit", "error_object", "parse_timeout",
+           "to_json"]

@@ -267,7 +267,10 @@ class GramstyleServer:
 
         self.http = HttpFront(self.service, self.health, self.metrics,
                               max_message_bytes=max_message_bytes, tokens=self.tokens,
-                              public_reflection=self.public_reflection, tls=self.tls)
+                              public_reflection=self.public_reflection, tls=self.tls,
+                              header_timeout_s=self.config.http_header_timeout_s,
+                              body_timeout_s=self.config.http_body_timeout_s,
+                              max_connections=self.config.http_max_connections)
         try:
             self.http_port = self.http.bind(host, port)
         except OSError as exc:
