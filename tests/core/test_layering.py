@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -97,3 +98,18 @@ def test_server_engine_names_are_deprecated_aliases():
         from gramstyle.server import status  # noqa: F401  (a real submodule: no warning)
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         gramstyle.server.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize("folder", ["engine", "server", "src/gramstyle", "cli"])
+def test_readme_layout_names_every_module(folder):
+    """The README's Layout section has a line for every module of the engine, the server,
+    the core and the CLI."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)]
+    named = {name for cell in re.findall(r"`([^`]+)`", layout)
+             for name in re.split(r"[,\s]+", cell)}
+    modules = {p.stem for p in (REPO / folder).glob("*.py") if p.stem not in ("__init__",
+                                                                              "__main__")}
+    missing = sorted(m for m in modules if f"{m}.py" not in named and m not in named)
+    assert missing == [], f"README Layout lacks {folder}/: {missing}"
