@@ -29,6 +29,7 @@ from gramstyle.options import (
     StyleOptions,
     flag_of,
 )
+from gramstyle.presets import PRESET_NAMES, preset_values
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -122,6 +123,10 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
             images.add_argument(entry.flag, dest=entry.name, metavar=entry.metavar,
                                 help=entry.help)
     groups = {"losses": parser.add_argument_group("losses")}
+    groups["losses"].add_argument(
+        "--preset", metavar="NAME",
+        help=f"start from a named bundle of option values: {', '.join(PRESET_NAMES)} "
+             "(docs/options.md, \"Presets\"); the options given here win over it")
     if scope == "stylize":
         groups["stylize"] = parser.add_argument_group("optimisation")
     for name, spec, default in StyleOptions.specs(scope):
@@ -130,9 +135,11 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
 
 
 def given_options(args: argparse.Namespace, scope: str) -> dict[str, Any]:
-    """The options given on the command line (those left out are absent)."""
-    return {name: getattr(args, name) for name, _, _ in StyleOptions.specs(scope)
-            if getattr(args, name, None) is not None}
+    """The options given on the command line (those left out are absent), over the values
+    of ``--preset`` when one is given (:func:`gramstyle.presets.preset_values`)."""
+    given = {name: getattr(args, name) for name, _, _ in StyleOptions.specs(scope)
+             if getattr(args, name, None) is not None}
+    return preset_values(getattr(args, "preset", None), given, scope)
 
 
 def image_arguments(args: argparse.Namespace, scope: str) -> dict[str, Any]:
