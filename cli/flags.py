@@ -108,11 +108,16 @@ def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
     return {**kwargs, "type": parse}
 
 
-def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
+def add_option_flags(parser: argparse.ArgumentParser, scope: str,
+                     skip_inputs: tuple[str, ...] = ()) -> None:
     """A flag for every option in ``scope`` ('losses' or 'stylize'), and one for every image
-    input of the command's call (:mod:`gramstyle.inputs`: --content, --style, ...)."""
+    input of the command's call (:mod:`gramstyle.inputs`: --content, --style, ...) except
+    those in ``skip_inputs`` (and their blend weights: ``gramstyle batch`` takes its content
+    images its own way)."""
     images = parser.add_argument_group("images")
     for entry in inputs_of(COMMAND_RPC[scope]):
+        if entry.name in skip_inputs:
+            continue
         if not entry.flag.startswith("-"):  # positional
             parser.add_argument(entry.name, metavar=entry.metavar, help=entry.help,
                                 **({"nargs": "*"} if entry.repeated else {}))
@@ -130,6 +135,8 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
     if scope == "stylize":
         groups["stylize"] = parser.add_argument_group("optimisation")
     for name, spec, default in StyleOptions.specs(scope):
+        if spec.kind == "blend_weights" and spec.of in skip_inputs:
+            continue
         group = images if spec.kind == "blend_weights" else groups[spec.scope]
         group.add_argument(flag_of(name, spec), dest=name, **_argparse_kwargs(spec, default))
 
