@@ -199,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
     check_image_files(args, "stylize")
     images = image_arguments(args, "stylize")
     del images["content"]
-    folder.mkdir(parents=True, exist_ok=True)
 
     tally = Tally()
     todo = []
@@ -230,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.server:
             with connect(args) as client:
                 client.server_info()  # an unreachable server fails the batch once, here
+                folder.mkdir(parents=True, exist_ok=True)
 
                 def stylize(content: Path):
                     return client.stylize(content=[str(content)], **images,
@@ -237,12 +237,16 @@ def run(args: argparse.Namespace) -> int:
                                           output_format=codec.format_name(args.format),
                                           **given)
 
-                with ThreadPoolExecutor(max_workers=parallel) as pool:
+                pool = ThreadPoolExecutor(max_workers=parallel)
+                try:
                     for future in [pool.submit(one, stylize, c, o) for c, o in todo]:
                         future.result()
+                finally:  # interrupted: the calls in flight end, the queued ones never start
+                    pool.shutdown(wait=True, cancel_futures=True)
         else:
             engine = load_engine(args)
             options = engine.validate(options)  # layers vs the network: once, not per image
+            folder.mkdir(parents=True, exist_ok=True)
 
             def stylize(content: Path):
                 return engine.stylize([str(content)], **images, options=options)

@@ -183,3 +183,4 @@ def test_unreachable_server_fails_the_batch_once(photos, style, tmp_path, capsys
                        *TINY])
     err = capsys.readouterr().err
     assert code == 1 and err.count("server answered UNAVAILABLE") == 1
+    assert not (tmp_path / "out").exists()
