@@ -1,6 +1,7 @@
 """The ``gramstyle`` command line: one module per command.
 
     gramstyle stylize --content cat.png --style starry.jpg -o out.png --size 512
+    gramstyle batch photos/ --style starry.jpg -o styled/  (every image of a folder)
     gramstyle info
     gramstyle losses candidate.png --content cat.png --style starry.jpg
     gramstyle serve --arch vgg16 --weights vgg16.pth --port 50051
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from gramstyle import __version__
-from gramstyle.cli import health, info, losses, serve, stylize, weights
+from gramstyle.cli import batch, health, info, losses, serve, stylize, weights
 from gramstyle.cli.flags import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gramstyle", description="Gatys-style neural style transfer (engine, service, CLI)")
     parser.add_argument("--version", action="version", version=f"gramstyle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (stylize, losses, serve, info, health, weights):
+    for command in (stylize, batch, losses, serve, info, health, weights):
         command.add_parser(sub)
     return parser
 

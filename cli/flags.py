@@ -30,6 +30,7 @@ from gramstyle.options import (
     flag_of,
     split_list,
 )
+from gramstyle.presets import PRESET_NAMES, preset_values
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -117,11 +118,16 @@ def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
     return {**kwargs, "type": parse}
 
 
-def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
+def add_option_flags(parser: argparse.ArgumentParser, scope: str,
+                     skip_inputs: tuple[str, ...] = ()) -> None:
     """A flag for every option in ``scope`` ('losses' or 'stylize'), and one for every image
-    input of the command's call (:mod:`gramstyle.inputs`: --content, --style, ...)."""
+    input of the command's call (:mod:`gramstyle.inputs`: --content, --style, ...) except
+    those in ``skip_inputs`` (and their blend weights: ``gramstyle batch`` takes its content
+    images its own way)."""
     images = parser.add_argument_group("images")
     for entry in inputs_of(COMMAND_RPC[scope]):
+        if entry.name in skip_inputs:
+            continue
         if not entry.flag.startswith("-"):  # positional
             parser.add_argument(entry.name, metavar=entry.metavar, help=entry.help,
                                 **({"nargs": "*"} if entry.repeated else {}))
@@ -132,17 +138,25 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str) -> None:
             images.add_argument(entry.flag, dest=entry.name, metavar=entry.metavar,
                                 help=entry.help)
     groups = {"losses": parser.add_argument_group("losses")}
+    groups["losses"].add_argument(
+        "--preset", metavar="NAME",
+        help=f"start from a named bundle of option values: {', '.join(PRESET_NAMES)} "
+             "(docs/options.md, \"Presets\"); the options given here win over it")
     if scope == "stylize":
         groups["stylize"] = parser.add_argument_group("optimisation")
     for name, spec, default in StyleOptions.specs(scope):
+        if spec.kind == "blend_weights" and spec.of in skip_inputs:
+            continue
         group = images if spec.kind == "blend_weights" else groups[spec.scope]
         group.add_argument(flag_of(name, spec), dest=name, **_argparse_kwargs(spec, default))
 
 
 def given_options(args: argparse.Namespace, scope: str) -> dict[str, Any]:
-    """The options given on the command line (those left out are absent)."""
-    return {name: getattr(args, name) for name, _, _ in StyleOptions.specs(scope)
-            if getattr(args, name, None) is not None}
+    """The options given on the command line (those left out are absent), over the values
+    of ``--preset`` when one is given (:func:`gramstyle.presets.preset_values`)."""
+    given = {name: getattr(args, name) for name, _, _ in StyleOptions.specs(scope)
+             if getattr(args, name, None) is not None}
+    return preset_values(getattr(args, "preset", None), given, scope)
 
 
 def image_arguments(args: argparse.Namespace, scope: str) -> dict[str, Any]:

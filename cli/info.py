@@ -7,6 +7,7 @@ import platform
 
 from gramstyle import __version__
 from gramstyle.cli.flags import EXIT_OK, add_remote_flags, connect, refuse_remote_flags
+from gramstyle.presets import PRESET_NAMES
 
 
 def add_parser(sub) -> None:
@@ -16,16 +17,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def presets_line() -> str:
+    """The presets, for both modes: the CLI applies them, so any server takes them."""
+    return (f"presets   {', '.join(PRESET_NAMES)} (stylize/losses/batch --preset NAME; "
+            "docs/options.md, \"Presets\")")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.server:
         from gramstyle.cli.report import format_server_info
 
         with connect(args) as client:
             print(format_server_info(client.server_info(), client.target))
+        print(presets_line())
         return EXIT_OK
     refuse_remote_flags(args)
     print(f"gramstyle {__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
+    print(presets_line())
     try:
         import torch
     except ImportError:
