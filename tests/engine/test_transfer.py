@@ -162,7 +162,8 @@ def test_weights_file_missing_or_not_a_state_dict(tmp_path):
     with pytest.raises(WeightsError, match=r"weights: file not found: '.*nope.pth'"):
         VGGFeatures("vgg16", str(tmp_path / "nope.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(WeightsError, match=r"weights: cannot load '.*junk.pth'"):
+    with pytest.raises(WeightsError,
+                       match=r"weights: '.*junk.pth' is not a weights file: torch cannot read it"):
         VGGFeatures("vgg16", str(tmp_path / "junk.pth"))
 
 
