@@ -23,7 +23,7 @@ at the end.
     # or let the script start one (the same flags) and also report its RSS:
     python bench/fuzz.py --serve -n 10000
 
-``tests/test_fuzz.py`` runs a few hundred of the same cases in CI.
+``tests/server/test_fuzz.py`` runs a few hundred of the same cases in CI.
 """
 
 from __future__ import annotations

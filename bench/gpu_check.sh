@@ -6,7 +6,7 @@
 #
 # Steps (each one timed, its log kept; a failing step is reported and the next one runs):
 #   1. build   the op with TORCH_CUDA_ARCH_LIST=9.0 (in place; smoke: check the CPU build loads)
-#   2. tests   the kernel tests (tests/test_kernels.py; the CUDA ones run on a GPU)
+#   2. tests   the kernel tests (tests/kernels/; the CUDA ones run on a GPU)
 #   3. rates   the fused op vs einsum at S in {512, 1024, 2048}, fp32 / TF32 / bf16, fwd and
 #              fwd+bwd, in TFLOP/s next to a plain GEMM measured on the spot
 #   4. stylize Stylize at 512 px, 300 iterations, bf16 and fp32: seconds per iteration
@@ -38,12 +38,12 @@ STEPS="${STEPS:-build tests rates stylize syncs compile ttq}"
 if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu; SIZES="32"; SIZE=48; ITERS=8; TTQ_SIZE=64; TTQ_ITERS=26; PEAK=256; RUN=0.01
   COMPILE_PRECISIONS=fp32  # compiling costs about a minute per precision on 2 cores
-  KERNEL_TESTS=(tests/test_kernels.py -q -x -k "cuda or CUDA")  # collected, skipped on CPU
+  KERNEL_TESTS=(tests/kernels/ -q -x -k "cuda or CUDA")  # collected, skipped on CPU
 else
   DEVICE=cuda; SIZES="512 1024 2048"; SIZE=512; ITERS=300; TTQ_SIZE=512; TTQ_ITERS=""
   PEAK=8192; RUN=0.1
   COMPILE_PRECISIONS="bf16 fp32"
-  KERNEL_TESTS=(tests/test_kernels.py -q -rs)
+  KERNEL_TESTS=(tests/kernels/ -q -rs)
 fi
 
 # The shared images (and the HED VGG16); stand-ins when this machine has none.

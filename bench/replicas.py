@@ -16,7 +16,7 @@ Scenarios:
 - rolling: SIGTERM each replica in turn while it is running a call (it drains), wait for it
   to exit, start it again, wait until it answers, and go on to the next.
 
-tests/test_replicas.py uses the same harness (:class:`Replica`, :class:`Load`) for a short
+tests/server/test_replicas.py uses the same harness (:class:`Replica`, :class:`Load`) for a short
 run in the test suite.
 """
 

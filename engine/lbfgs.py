@@ -17,7 +17,7 @@ zero tolerances, as the engine always ran it -- with every decision taken on the
   it then stores an empty pair and computes the same direction again, never moves again;
 - the first step's length ``min(1, 1/|g|_1) * lr`` stays a tensor.
 
-Apart from those two corner cases the iterates equal torch's (tests/test_speed.py checks it).
+Apart from those two corner cases the iterates equal torch's (tests/engine/test_speed.py checks it).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ These do not all peak at once: the estimate is the costliest *phase* -- decoding
 images), building one scale's targets (images and targets, with the coarser scale's targets
 still held), optimising one scale (images, the kept targets, activations, optimiser,
 output) -- times ``MARGIN``, plus a fixed ``OVERHEAD`` for the allocator, oneDNN's scratch
-buffers and thread stacks; its parts are that phase's. ``tests/test_hardening.py`` checks
+buffers and thread stacks; its parts are that phase's. ``tests/server/test_hardening.py`` checks
 the estimate against the measured peak RSS of real requests (it must never be below it).
 """
 
@@ -158,7 +158,7 @@ def _captured(extractor: nn.Module, layers: Sequence[str], width: int, height: i
 def _gram_factor(element: int) -> int:
     """Transient bytes of a style target's Gram per byte of its feature map: a float32 copy;
     under bf16 autocast the Gram's matmul path takes about nine times the bf16 map
-    (measured; see tests/test_hardening.py)."""
+    (measured; see tests/server/test_hardening.py)."""
     return 10 if element == 2 else 2
 
 

@@ -355,7 +355,7 @@ def test_targets_and_service_config():
         normalize_target("localhost")
     config = json.loads(service_config())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    # Retries are the client's own (tests/test_replicas.py), not gRPC's retry policy.
+    # Retries are the client's own (tests/server/test_replicas.py), not gRPC's retry policy.
     assert "methodConfig" not in config
 
 

@@ -1,6 +1,6 @@
 """The memory estimate counts what issue 18 (item 5) found missing -- the parsed message with
 unknown fields, PNG text chunks, the copies of the encoded bytes -- checked against the
-measured peak RSS of the same work, in a subprocess (as tests/test_hardening.py does for the
+measured peak RSS of the same work, in a subprocess (as tests/server/test_hardening.py does for the
 network's share)."""
 
 from __future__ import annotations
