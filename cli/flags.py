@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from gramstyle.errors import GramstyleError
+from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.images import load_image
 from gramstyle.inputs import INPUTS, check_order, inputs_of
 from gramstyle.options import (
@@ -161,6 +161,12 @@ def check_image_files(args: argparse.Namespace, scope: str) -> dict[str, list[tu
     for entry in check_order(COMMAND_RPC[scope]):
         given = getattr(args, entry.name)
         paths = given if entry.repeated else [] if given is None else [given]
+        pair = getattr(args, entry.paired_with) if entry.paired_with else None
+        if paths and pair is not None and len(paths) != len(pair):
+            # A paired input (a per-style mask): one file per file of its pair, or none.
+            raise FieldError(entry.name, f"expected {len(pair)} file(s), one per "
+                             f"{flag_for(entry.paired_with)}, in the same order; got "
+                             f"{len(paths)}", len(paths))
         sizes[entry.name] = [load_image(path, entry.error_field(i), max_pixels=None).size
                              for i, path in enumerate(paths)]
     return sizes
