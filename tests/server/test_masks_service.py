@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from conftest import noise, png
@@ -18,7 +19,8 @@ from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 W, H = 64, 48
 #: Room for a ComputeLosses with two masked styles (candidate, content, 2 styles, 4 masks).
-SERVER_SETTINGS = {"max_images": 8}
+#: HTTP too, for the multipart form.
+SERVER_SETTINGS = {"max_images": 8, "http_port": 0}
 
 
 def halves() -> tuple[bytes, bytes]:
@@ -132,3 +134,21 @@ def test_compute_losses_with_masks_equals_the_engine(stub, pictures, random_engi
     # ... and the masks matter: without them the style loss differs.
     plain = random_engine.compute_losses(pictures["content"], [pictures["content"]], styles)
     assert plain.losses.style != pytest.approx(expected.losses.style, rel=1e-3)
+
+
+def test_the_http_form_takes_masks_as_repeated_files(server, pictures, spy, random_engine):
+    spied = spy(random_engine)
+    left, right = halves()
+    files = [("content", ("c.png", pictures["content"], "image/png")),
+             ("style", ("a.png", pictures["a"], "image/png")),
+             ("style", ("b.png", pictures["b"], "image/png")),
+             ("style_mask", ("l.png", left, "image/png")),
+             ("style_mask", ("r.png", right, "image/png"))]
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=120) as http:
+        response = http.post("/v1/stylize", files=files, data={
+            "size": str(W), "iterations": "2", "colour": "COLOUR_MATCH"})
+    assert response.status_code == 200, response.text
+    assert "event: result" in response.text
+    call = spied.last("stylize")
+    assert call.kwargs["style_mask"] == [left, right]
+    assert call.options.colour == "match"
