@@ -152,3 +152,20 @@ def test_the_http_form_takes_masks_as_repeated_files(server, pictures, spy, rand
     call = spied.last("stylize")
     assert call.kwargs["style_mask"] == [left, right]
     assert call.options.colour == "match"
+
+
+def test_masks_enter_the_memory_estimate(random_engine):
+    from gramstyle.images import ImageHeader
+    from gramstyle.options import StyleOptions
+    from gramstyle.server import memory
+
+    side = 1024
+    opts = random_engine.validate(StyleOptions(size=side, precision="fp32"))
+    rgb, grey = ImageHeader("PNG", "RGB", side, side), ImageHeader("PNG", "L", side, side)
+    plain = memory.estimate_stylize(random_engine.extractor, opts, [rgb], [rgb, rgb])
+    masked = memory.estimate_stylize(random_engine.extractor, opts, [rgb], [rgb, rgb],
+                                     {"style_mask": [grey, grey],
+                                      "style_source_mask": [grey, grey]})
+    # At least the four masks' decoded pixels and their float32 single-channel copies.
+    assert masked.parts["images"] - plain.parts["images"] >= 4 * side * side
+    assert masked.total - plain.total >= 4 * (side * side + 4 * side * side)
