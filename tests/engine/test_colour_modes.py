@@ -121,3 +121,17 @@ def test_colour_modes_need_a_content_image(random_engine, mode):
     with pytest.raises(FieldError, match=f"^colour: '{mode}' needs a content image"):
         random_engine.stylize([], noise(W, H), options(random_engine, colour=mode,
                                                        content_weight=0, iterations=1))
+
+
+def test_luminance_with_tiles_gives_the_same_gradient(random_engine):
+    content, style = smooth_colours(10), noise(W, H, 11)
+    whole, tiled = (random_engine.compute_losses(
+        content, [content], [style], options(random_engine, colour="luminance", tile_size=t),
+        gradient=True) for t in (0, 32))
+    a = np.frombuffer(whole.gradient_bytes, "<f4")
+    b = np.frombuffer(tiled.gradient_bytes, "<f4")
+    assert np.abs(a).max() > 0
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+    # The gradient of a luminance-only loss is the same in R, G and B up to the Y weights.
+    g = a.reshape(3, H, W)
+    np.testing.assert_allclose(g[0] / 0.299, g[1] / 0.587, rtol=1e-4, atol=1e-9)
