@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from gramstyle.errors import GramstyleError
+from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.images import load_image
 from gramstyle.inputs import INPUTS, check_order, inputs_of
 from gramstyle.options import (
@@ -168,7 +168,8 @@ def image_arguments(args: argparse.Namespace, scope: str) -> dict[str, Any]:
 
 def check_image_files(args: argparse.Namespace, scope: str) -> dict[str, list[tuple[int, int]]]:
     """Decode every image file given once (the candidate first), so a bad one fails before a
-    model loads or a server is called; return each input's (width, height) sizes as
+    model loads or a server is called, then check that a paired input (a per-style mask)
+    has one file per file of its pair (or none); return each input's (width, height) sizes as
     decoded. The paths (not the decoded images) are passed on afterwards, so that a server
     receives the original bytes."""
     sizes: dict[str, list[tuple[int, int]]] = {}
@@ -177,6 +178,13 @@ def check_image_files(args: argparse.Namespace, scope: str) -> dict[str, list[tu
         paths = given if entry.repeated else [] if given is None else [given]
         sizes[entry.name] = [load_image(path, entry.error_field(i), max_pixels=None).size
                              for i, path in enumerate(paths)]
+    for entry in check_order(COMMAND_RPC[scope]):
+        given, pair = sizes[entry.name], sizes.get(entry.paired_with or "")
+        if given and pair is not None and len(given) != len(pair):
+            # A paired input (a per-style mask): one file per file of its pair, or none.
+            raise FieldError(entry.name, f"expected {len(pair)} file(s), one per "
+                             f"{flag_for(entry.paired_with)}, in the same order; got "
+                             f"{len(given)}", len(given))
     return sizes
 
 

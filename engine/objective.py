@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from gramstyle.engine.colour import luminance, match_colours
 from gramstyle.engine.extractor import VGGFeatures
 from gramstyle.engine.losses import (
     ContentLoss,
@@ -80,6 +81,9 @@ def check_images(contents: Sequence[Image.Image], styles: Sequence[Image.Image],
     style_blend = check_weights("style_blend_weights", options.style_blend_weights, len(styles))
     if options.preserve_colors and not contents:
         raise FieldError("preserve_colors", "needs a content image to take the colours from")
+    if options.colour != "style" and not contents:
+        raise FieldError("colour", f"{options.colour!r} needs a content image to take the "
+                         "colours from; use 'style' without one", options.colour)
     return content_blend, style_blend
 
 
@@ -215,6 +219,9 @@ class Objective:
     #: Tile side (px) of the loss and gradient computation, 0 for the whole image at once
     #: (:mod:`gramstyle.engine.tiles`; ``options.tile_size``).
     tile: int = 0
+    #: Luminance-only transfer (``options.colour == 'luminance'``): the network sees
+    #: :func:`~gramstyle.engine.colour.luminance` of ``x``, as its targets were computed.
+    luminance: bool = False
 
     @classmethod
     def build(cls, extractor: VGGFeatures, contents: Sequence[Image.Image],
@@ -248,6 +255,13 @@ class Objective:
         style without one): the region mask on the output and the source mask on the style
         image of each style (:mod:`gramstyle.engine.masks`; the loss is in
         :mod:`gramstyle.engine.losses`). A style without masks applies everywhere.
+
+        ``options.colour`` (:mod:`gramstyle.engine.colour`): 'luminance' computes every
+        target from the luminance of its image (and :meth:`evaluate_terms` sees the
+        luminance of ``x``); 'match' computes the style targets from the style pixels with
+        the first content image's colour mean and covariance (at the output size). The
+        stored :attr:`contents` / :attr:`styles` stay the images as given (resized), and
+        :attr:`colours_of` is the first content image for 'luminance'.
         """
         # Imported here: tiles builds on this module.
         from gramstyle.engine import tiles
@@ -299,13 +313,31 @@ class Objective:
         style_t = [to_tensor(resized(s, to), device)
                    for s, to in zip(styles, style_sizes, strict=True)] if keep_pixels else []
 
+        colour = options.colour
+        # What the targets also depend on under colour control: the mode, and for 'match'
+        # the content image the style colours are taken from, at the size it is used at.
+        colour_key: tuple = () if colour == "style" else (
+            ("colour", colour) if colour == "luminance" else
+            ("colour", colour, image_digest(contents[0]), tuple(size)))
+
+        def coloured(kind: str, pixels: torch.Tensor) -> torch.Tensor:
+            """The pixels the network sees for a target image of ``kind``."""
+            if colour == "luminance":
+                return luminance(pixels)
+            if colour == "match" and kind == "style":
+                reference = content_t[0] if content_t else to_tensor(
+                    resized(contents[0], size), device)
+                return match_colours(pixels, reference)
+            return pixels
+
         def targets(kind: str, index: int, layers: list[str], compute, tiled,
-                    extra: tuple = ()                    ) -> dict[str, torch.Tensor]:
+                    extra: tuple = ()) -> dict[str, torch.Tensor]:
             image, to, kept = ((contents[index], size, content_t) if kind == "content"
                                else (styles[index], style_sizes[index], style_t))
 
             def run() -> dict[str, torch.Tensor]:
-                pixels = kept[index] if kept else to_tensor(resized(image, to), device)
+                pixels = coloured(kind, kept[index] if kept
+                                  else to_tensor(resized(image, to), device))
                 if options.tile_size and tiled is not None:  # memory bounded by one tile
                     return tiled(extractor, pixels, layers, options.tile_size, precision, check)
                 with torch.no_grad(), autocast(device, precision):
@@ -315,7 +347,7 @@ class Objective:
             # The original image and the size it is resized to: a hit needs no resize.
             # ``extra``: what else the targets depend on (a source mask's digest).
             key = (kind, model_key, precision, image_digest(image), tuple(to), tuple(layers),
-                   *extra)
+                   *extra, *(colour_key if kind == "style" or colour == "luminance" else ()))
             return cache.get_or_compute(key, run)
 
         content_loss = style_loss = None
@@ -349,8 +381,9 @@ class Objective:
         return cls(extractor, content_loss, style_loss, options.content_weight,
                    options.style_weight, options.tv_weight, precision, width, height,
                    content_t, style_t,
-                   content_t[0] if options.preserve_colors and content_t else None,
-                   check=check, tile=options.tile_size)
+                   content_t[0] if (options.preserve_colors or colour == "luminance")
+                   and content_t else None,
+                   check=check, tile=options.tile_size, luminance=colour == "luminance")
 
     @property
     def device(self) -> torch.device:
@@ -368,6 +401,8 @@ class Objective:
 
         With :attr:`tile` set, the same values and gradient are computed tile by tile
         (:func:`gramstyle.engine.tiles.evaluate_terms`)."""
+        if self.luminance:  # the loss sees only x's luminance; its gradient flows back to x
+            x = luminance(x)
         if self.tile:
             # Imported here: tiles builds on this module.
             from gramstyle.engine.tiles import evaluate_terms

@@ -219,8 +219,8 @@ class StyleTransfer:
         progress: Callable[[Progress], None] | None = None,
         preview: bool = False,
         should_stop: Callable[[], bool] | None = None,
-        style_masks: Sequence[ImageSource | None] | None = None,
-        style_source_masks: Sequence[ImageSource | None] | None = None,
+        style_mask: Sequence[ImageSource | None] | None = None,
+        style_source_mask: Sequence[ImageSource | None] | None = None,
     ) -> StylizeResult:
         """Optimise an image so its features match ``content`` and its Grams match ``style``.
 
@@ -237,12 +237,12 @@ class StyleTransfer:
                 inside it (decoding, resizing, target features, network passes); when it
                 returns True the run stops within a fraction of a second and
                 :class:`Cancelled` is raised (its ``iterations`` says how many ran).
-            style_masks: one region mask per style image (None for a style without one):
+            style_mask: one region mask per style image (None for a style without one):
                 greyscale, white where that style applies on the output, black where not
                 (guided Gram matrices; :mod:`gramstyle.engine.masks`). Resized to the
                 output, so it must have the output's aspect ratio. A style without a region
                 mask applies everywhere, as without masks.
-            style_source_masks: likewise, one source mask per style image: the part of the
+            style_source_mask: likewise, one source mask per style image: the part of the
                 style image its statistics are taken from (same aspect ratio as it).
 
         Returns:
@@ -256,8 +256,8 @@ class StyleTransfer:
         check = _checker(should_stop)
         contents = _load(content, "content", self.max_pixels, check)
         styles = _load(style, "style", self.max_pixels, check)
-        region_masks = _load_masks(style_masks, REGION_FIELD, self.max_pixels, check)
-        source_masks = _load_masks(style_source_masks, SOURCE_FIELD, self.max_pixels, check)
+        region_masks = _load_masks(style_mask, REGION_FIELD, self.max_pixels, check)
+        source_masks = _load_masks(style_source_mask, SOURCE_FIELD, self.max_pixels, check)
         if init_image is not None:
             if options.init not in (None, "image"):
                 raise FieldError("init_image", f"given, but init is {options.init!r}; set "
@@ -291,8 +291,8 @@ class StyleTransfer:
         *,
         gradient: bool = False,
         should_stop: Callable[[], bool] | None = None,
-        style_masks: Sequence[ImageSource | None] | None = None,
-        style_source_masks: Sequence[ImageSource | None] | None = None,
+        style_mask: Sequence[ImageSource | None] | None = None,
+        style_source_mask: Sequence[ImageSource | None] | None = None,
     ) -> LossReport:
         """Loss terms of ``candidate`` against the targets, without optimising.
 
@@ -300,7 +300,7 @@ class StyleTransfer:
         ``max(H, W)`` times the style scale. With ``gradient=True`` the report carries
         d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]). The candidate's size
         is checked against ``max_size`` from its header, before it is decoded.
-        ``should_stop``, ``style_masks`` and ``style_source_masks`` work as in
+        ``should_stop``, ``style_mask`` and ``style_source_mask`` work as in
         :meth:`stylize` (region masks are resized to the candidate).
         """
         started = time.perf_counter()
@@ -318,8 +318,8 @@ class StyleTransfer:
             _load(style, "style", self.max_pixels, check), options, size=image.size,
             output_field="candidate", cache=self.target_cache, model_key=self.model_key,
             check=check, keep_pixels=False,
-            style_masks=_load_masks(style_masks, REGION_FIELD, self.max_pixels, check),
-            style_source_masks=_load_masks(style_source_masks, SOURCE_FIELD, self.max_pixels,
+            style_masks=_load_masks(style_mask, REGION_FIELD, self.max_pixels, check),
+            style_source_masks=_load_masks(style_source_mask, SOURCE_FIELD, self.max_pixels,
                                            check))
         x = to_tensor(image, self.device).requires_grad_(gradient)
         grad = None

@@ -10,7 +10,8 @@ gRPC ones. One contract: bodies are the proto messages in protobuf's canonical J
 Routes (``ROUTES``):
 
 - ``POST /v1/stylize``: a StylizeRequest as JSON, or as ``multipart/form-data`` (files
-  ``content``, ``style``, ``init_image``; every other field by its proto or JSON name, as
+  ``content``, ``style``, ``style_mask``, ``style_source_mask`` (each may repeat),
+  ``init_image``; every other field by its proto or JSON name, as
   text). Answers ``text/event-stream``: one event per StylizeResponse, named after its kind
   (``progress``, then one ``result``), its data the message in JSON; a failure after the
   stream started is an ``error`` event carrying the error object below.
@@ -324,7 +325,9 @@ async def _message_from_form(form: Any, message: Message) -> None:
             values[field.name] = _form_value(field, value)
     json_format.ParseDict(values, message)
     for field, data in files:
-        if field.type == FieldDescriptor.TYPE_BYTES:
+        if field.type == FieldDescriptor.TYPE_BYTES and _repeated(field):  # per-style masks
+            getattr(message, field.name).append(data)
+        elif field.type == FieldDescriptor.TYPE_BYTES:
             setattr(message, field.name, data)
         else:
             getattr(message, field.name).add(data=data)

@@ -105,6 +105,15 @@ INPUTS: tuple[ImageInput, ...] = (
     ImageInput("style", "style image (repeat to blend several styles)",
                ("Stylize", "ComputeLosses"), repeated=True, flag="--style", part="data",
                memory="style"),
+    # Greyscale masks, one per style (guided Gram matrices, gramstyle.engine.masks).
+    ImageInput("style_mask", "region mask of a --style on the output: white where that style "
+               "applies, black where not (give one per --style, in the same order)",
+               ("Stylize", "ComputeLosses"), repeated=True, flag="--style-mask",
+               metavar="MASK", memory="output", channels=1, paired_with="style"),
+    ImageInput("style_source_mask", "source mask of a --style on its own image: the part its "
+               "statistics are taken from (one per --style, in the same order)",
+               ("Stylize", "ComputeLosses"), repeated=True, flag="--style-source-mask",
+               metavar="MASK", memory="style", channels=1, paired_with="style"),
     # Resized to the output size, it *is* the first scale's optimised image.
     ImageInput("init_image", "start image for --init image", ("Stylize",), repeated=False,
                flag="--init-image", only_with=("init", "image")),

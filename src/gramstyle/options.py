@@ -346,6 +346,10 @@ class StyleOptions:
         "each for `iterations` steps from the previous result", low=1, high=MAX_SCALES)
     preserve_colors: bool = option(
         False, "bool", "keep the content image's colours: transfer luminance only (YIQ)")
+    colour: str = option(
+        "style", "choice", "colour control: style (the style's colours), luminance "
+        "(luminance-only transfer, then the content's colours), or match (the style images' "
+        "colours matched to the content's before the run)", scope="losses", enum=pb.Colour)
     precision: str = option(
         "auto", "choice", "auto: bf16 where the hardware runs it natively (CUDA with bf16, x86 "
         "CPUs with AVX512-BF16 or AMX), else fp32; fp32; or bf16 autocast for the network "

@@ -86,8 +86,9 @@ def test_declarations_are_consistent():
             assert value in spec.choices
     # The one that fixes the output size is checked first.
     assert [e.name for e in inputs.check_order("ComputeLosses")] == [
-        "candidate", "content", "style"]
-    assert [e.name for e in inputs.check_order("Stylize")] == ["content", "style", "init_image"]
+        "candidate", "content", "style", "style_mask", "style_source_mask"]
+    assert [e.name for e in inputs.check_order("Stylize")] == [
+        "content", "style", "style_mask", "style_source_mask", "init_image"]
 
 
 # ---------------------------------------------------------------------------- codec
@@ -100,14 +101,17 @@ def png(width: int, height: int, colour=(200, 30, 30)) -> bytes:
 def test_request_round_trip_follows_the_table():
     a, b, c, d = png(8, 6), png(6, 8), png(5, 5), png(4, 4)
     request = codec.stylize_request([a], [b, c], init_image=d, style_blend_weights=[1, 3])
+    no_masks = {"style_mask": [], "style_source_mask": []}
     assert codec.request_images(request) == {"content": [a], "style": [b, c],
-                                             "init_image": [d]}
-    assert codec.engine_images(request) == {"content": [a], "style": [b, c], "init_image": d}
+                                             "init_image": [d], **no_masks}
+    assert codec.engine_images(request) == {"content": [a], "style": [b, c], "init_image": d,
+                                            **no_masks}
     assert [image.weight for image in request.style] == [1.0, 3.0]
     assert codec.engine_images(codec.stylize_request([a]))["init_image"] is None
 
     losses = codec.losses_request(c, style=[b])
-    assert codec.engine_images(losses) == {"content": [], "style": [b], "candidate": c}
+    assert codec.engine_images(losses) == {"content": [], "style": [b], "candidate": c,
+                                           **no_masks}
     # A required input is there even when missing, so that it is refused as an empty image.
     assert codec.request_images(pb.ComputeLossesRequest())["candidate"] == [b""]
     with pytest.raises(ImageError, match=r"^candidate: expected a path, bytes or PIL image"):
@@ -151,8 +155,8 @@ def test_a_paired_input_needs_one_image_per_image_of_its_pair():
 
 @pytest.fixture
 def with_mask(monkeypatch):
-    """The table with one more Stylize input, as issue 20's masks will add."""
-    table = (*INPUTS, MASK)
+    """The table with its per-style masks replaced by one Stylize-only mask input."""
+    table = (*(e for e in INPUTS if e.paired_with is None), MASK)
     monkeypatch.setattr(inputs, "INPUTS", table)
     monkeypatch.setattr(inputs, "_BY_NAME", {e.name: e for e in table})
 

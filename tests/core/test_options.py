@@ -66,7 +66,7 @@ def _changed_options() -> StyleOptions:
         content_blend_weights=(1.0,), style_blend_weights=(2.0, 1.0), content_weight=0.5,
         style_weight=7.0, tv_weight=0.25, init="style", optimizer="adam", iterations=12,
         learning_rate=0.05, seed=-3, size=96, style_scale=0.75, scales=2,
-        preserve_colors=True, precision="bf16", progress_every=4, tolerance=0.05,
+        preserve_colors=True, colour="match", precision="bf16", progress_every=4, tolerance=0.05,
         tile_size=64)
 
 

@@ -43,8 +43,8 @@ def options(**kwargs) -> StyleOptions:
 
 def style_layer_losses(engine, image, content, style, mask=None, source=None, **kwargs):
     report = engine.compute_losses(image, [content], [style], options(**kwargs),
-                                   style_masks=None if mask is None else [mask],
-                                   style_source_masks=None if source is None else [source])
+                                   style_mask=None if mask is None else [mask],
+                                   style_source_mask=None if source is None else [source])
     return report.losses.style_layers
 
 
@@ -59,8 +59,8 @@ def test_styles_without_masks_are_bit_identical(random_engine, content, images) 
     plain = random_engine.compute_losses(content, [content], styles, options(), gradient=True)
     for masks in ([None, None], []):
         masked = random_engine.compute_losses(content, [content], styles, options(),
-                                              gradient=True, style_masks=masks,
-                                              style_source_masks=masks)
+                                              gradient=True, style_mask=masks,
+                                              style_source_mask=masks)
         assert masked.losses == plain.losses
         assert masked.gradient_bytes == plain.gradient_bytes
 
@@ -76,7 +76,7 @@ def test_all_ones_masks_equal_the_unmasked_loss(random_engine, content, images, 
     opts = options(precision=precision)
     plain = random_engine.compute_losses(content, [content], [style], opts, gradient=True)
     masked = random_engine.compute_losses(content, [content], [style], opts, gradient=True,
-                                          style_masks=[ones], style_source_masks=[
+                                          style_mask=[ones], style_source_mask=[
                                               Image.new("L", Image.open(style).size, 255)])
     for layer, value in plain.losses.style_layers.items():
         assert masked.losses.style_layers[layer] == pytest.approx(value, rel=tol), layer
@@ -92,7 +92,7 @@ def test_region_mask_confines_the_gradient(random_engine, content, images) -> No
     report = random_engine.compute_losses(
         content, [content], [images["starry"]],
         options(style_layers=("relu1_1",), content_weight=0.0, tv_weight=0.0),
-        gradient=True, style_masks=[left])
+        gradient=True, style_mask=[left])
     grad = torch.frombuffer(bytearray(report.gradient_bytes), dtype=torch.float32).reshape(
         3, H, W)
     assert grad[:, :, W // 2 + 2:].abs().max().item() == 0.0
@@ -149,11 +149,11 @@ def test_two_styles_on_two_halves(random_engine, images) -> None:
     left, right = halves(width, height)
     a, b = images["starry"], images["scream"]
     opts = StyleOptions(size=width, iterations=15, precision="fp32")
-    out = random_engine.stylize([content], [a, b], opts, style_masks=[left, right]).image
+    out = random_engine.stylize([content], [a, b], opts, style_mask=[left, right]).image
 
     def distances(image):
         return {(half, style): random_engine.compute_losses(
-                    image, [content], [s], opts, style_masks=[m]).losses.style_layers
+                    image, [content], [s], opts, style_mask=[m]).losses.style_layers
                 for half, m in (("left", left), ("right", right))
                 for style, s in (("a", a), ("b", b))}
 
@@ -172,21 +172,21 @@ def test_mask_errors_name_the_field(random_engine, content, images) -> None:
         return random_engine.compute_losses(content, [content], styles, options(), **kwargs)
 
     with pytest.raises(ValueError, match=r"^style_mask: 3 given for 2 style image\(s\)"):
-        losses(style_masks=[left, right, left])
+        losses(style_mask=[left, right, left])
     with pytest.raises(ValueError, match=r"^style_source_mask: 1 given for 2 style image"):
-        losses(style_source_masks=[left])
+        losses(style_source_mask=[left])
     with pytest.raises(ValueError, match=r"^style_mask\[1\]: 32x32 px does not have the aspect "
                                          r"ratio of the output \(64x32 px\)"):
-        losses(style_masks=[left, Image.new("L", (32, 32), 255)])
+        losses(style_mask=[left, Image.new("L", (32, 32), 255)])
     with pytest.raises(ValueError, match=r"^style_mask\[0\]: the mask is black everywhere"):
-        losses(style_masks=[Image.new("L", (W, H), 0), None])
+        losses(style_mask=[Image.new("L", (W, H), 0), None])
     with pytest.raises(ValueError, match=r"^style_source_mask\[1\]: 10x50 px does not have the "
                                          r"aspect ratio of style\[1\]"):
-        losses(style_source_masks=[None, Image.new("L", (10, 50), 255)])
+        losses(style_source_mask=[None, Image.new("L", (10, 50), 255)])
     with pytest.raises(ValueError, match=r"^style_mask\[0\]"):
-        losses(style_masks=[b"not an image", None])
+        losses(style_mask=[b"not an image", None])
     with pytest.raises(ValueError, match=r"^style_mask: give a sequence with one mask per style"):
-        losses(style_masks=left)
+        losses(style_mask=left)
 
 
 def test_masks_accept_paths_and_bytes(random_engine, content, images, tmp_path) -> None:
@@ -197,9 +197,9 @@ def test_masks_accept_paths_and_bytes(random_engine, content, images, tmp_path) 
     right.save(data, format="PNG")
     styles = [images["starry"], images["scream"]]
     as_images = random_engine.compute_losses(content, [content], styles, options(),
-                                             style_masks=[left, right])
+                                             style_mask=[left, right])
     as_files = random_engine.compute_losses(content, [content], styles, options(),
-                                            style_masks=[str(path), data.getvalue()])
+                                            style_mask=[str(path), data.getvalue()])
     assert as_files.losses == as_images.losses
 
 
