@@ -233,7 +233,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
         headers: dict[str, list[ImageHeader]] = {}
         for entry in check_order(rpc):
-            if not entry.probed:
+            if not entry.probed or entry.name not in images:
                 continue
             headers[entry.name] = []
             for i, data in enumerate(images[entry.name]):

@@ -78,13 +78,13 @@ def test_count_of_a_real_request_includes_init_image(service):
 def test_probe_reads_the_declared_headers(service, random_engine, extra_inputs):
     images = {"content": [png(20, 10)], "style": [png(8, 12)], "init_image": [png(5, 6)],
               "style_mask": [png(20, 10)], "sketch": [b"never read"]}
-    headers = service._probe("Stylize", images, random_engine)
+    headers = service._probe("Stylize", images, random_engine, lambda: False)
     assert list(headers) == ["content", "style", "init_image", "style_mask"]  # not "sketch"
     assert [(h.width, h.height) for h in headers["style_mask"]] == [(20, 10)]
     assert headers["init_image"] == [ImageHeader("PNG", "RGB", 5, 6)]
     bad = {**images, "style_mask": [png(20, 10), b"GIF89a garbage"]}
     with pytest.raises(ImageError, match=r"^style_mask\[1\]: cannot decode image"):
-        service._probe("Stylize", bad, random_engine)
+        service._probe("Stylize", bad, random_engine, lambda: False)
 
 
 def test_probe_checks_the_size_setting_input_first_and_against_max_size(service,
@@ -92,15 +92,16 @@ def test_probe_checks_the_size_setting_input_first_and_against_max_size(service,
     side = random_engine.max_size + 1
     images = {"content": [b"GIF89a garbage"], "style": [], "candidate": [png(side, 4)]}
     with pytest.raises(ImageError) as info:
-        service._probe("ComputeLosses", images, random_engine)
+        service._probe("ComputeLosses", images, random_engine, lambda: False)
     assert str(info.value) == (f"candidate: long side {side} px is over the limit of "
                                f"{random_engine.max_size} px")
     # Only the candidate is held to max_size: a content image of that size is not.
     images = {"content": [png(side, 4)], "style": [], "candidate": [png(8, 8)]}
-    assert service._probe("ComputeLosses", images, random_engine)["content"][0].width == side
+    headers = service._probe("ComputeLosses", images, random_engine, lambda: False)
+    assert headers["content"][0].width == side
     with pytest.raises(ImageError, match=r"^candidate: empty image"):
         service._probe("ComputeLosses", codec.request_images(pb.ComputeLossesRequest()),
-                       random_engine)
+                       random_engine, lambda: False)
 
 
 # ---------------------------------------------------------------------------- memory
