@@ -13,7 +13,7 @@ from PIL import Image
 
 from gramstyle import codec, inputs
 from gramstyle.images import ImageError, ImageHeader, encode_image
-from gramstyle.inputs import INPUTS, ImageInput
+from gramstyle.inputs import INPUTS, ImageInput, check_order
 from gramstyle.options import StyleOptions
 from gramstyle.server import memory
 from gramstyle.server.admission import WorkQueue
@@ -34,7 +34,8 @@ def png(width: int, height: int) -> bytes:
 
 @pytest.fixture
 def extra_inputs(monkeypatch):
-    table = (*INPUTS, MASK, LOOSE)
+    # The test's own entries stand in for any real ones of the same names.
+    table = (*(e for e in INPUTS if e.name not in (MASK.name, LOOSE.name)), MASK, LOOSE)
     monkeypatch.setattr(inputs, "INPUTS", table)
     monkeypatch.setattr(inputs, "_BY_NAME", {e.name: e for e in table})
 
@@ -79,7 +80,10 @@ def test_probe_reads_the_declared_headers(service, random_engine, extra_inputs):
     images = {"content": [png(20, 10)], "style": [png(8, 12)], "init_image": [png(5, 6)],
               "style_mask": [png(20, 10)], "sketch": [b"never read"]}
     headers = service._probe("Stylize", images, random_engine, lambda: False)
-    assert list(headers) == ["content", "style", "init_image", "style_mask"]  # not "sketch"
+    # In the declared order (gramstyle.inputs.check_order), and not "sketch" (not probed).
+    assert list(headers) == [e.name for e in check_order("Stylize") if e.name in images
+                             and e.probed]
+    assert set(headers) == {"content", "style", "init_image", "style_mask"}
     assert [(h.width, h.height) for h in headers["style_mask"]] == [(20, 10)]
     assert headers["init_image"] == [ImageHeader("PNG", "RGB", 5, 6)]
     bad = {**images, "style_mask": [png(20, 10), b"GIF89a garbage"]}
