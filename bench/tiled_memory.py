@@ -1,4 +1,4 @@
-"""Peak memory of one Stylize, untiled and tiled (the ``tile_size`` option), measured.
+"""Peak memory of one Stylize, untiled and tiled (the ``tile`` option), measured.
 
     python bench/tiled_memory.py                  # 1024 px, 2 iterations, tiles of 256 px
     python bench/tiled_memory.py --size 768 --tile 192 --iterations 3
@@ -47,7 +47,7 @@ engine.stylize([warm], [warm], StyleOptions(size=32, iterations=1, precision="fp
 content, style = png(case["size"], 1), png(case["size"], 2)
 options = engine.validate(StyleOptions(size=case["size"], iterations=case["iterations"],
                                        tolerance=0.0, precision="fp32",
-                                       tile_size=case["tile"]))
+                                       tile=case["tile"] or "off"))
 estimate = estimate_stylize(engine.extractor, options, [probe_image(content)],
                             [probe_image(style)], None, len(content) + len(style))
 engine.target_cache.clear()

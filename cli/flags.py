@@ -25,6 +25,7 @@ from gramstyle.options import (
     DEVICES,
     MODEL_DEFAULTS,
     POOLINGS,
+    TILE_CHOICES,
     OptionSpec,
     StyleOptions,
     flag_of,
@@ -101,6 +102,18 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def _tile(text: str) -> str | int:
+    """A ``--tile`` value: auto, off or a side in pixels (its bounds are checked with the
+    other options)."""
+    if text.strip().lower() in TILE_CHOICES:
+        return text.strip().lower()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, off or a side in "
+                                         "pixels") from None
+
+
 def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
     """How argparse reads one option, from its declared kind."""
     shown = ",".join(default) if isinstance(default, tuple) else default
@@ -112,6 +125,8 @@ def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
         return {**kwargs, "action": "store_true"}
     if spec.kind == "choice":
         return {**kwargs, "choices": spec.choices}
+    if spec.kind == "tile":
+        return {**kwargs, "type": _tile}
     parse = {"int": int, "float": finite_float if spec.low == 0 else _number,
              "layers": split_list, "layer_weights": _float_list,
              "blend_weights": _float_list}[spec.kind]

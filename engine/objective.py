@@ -50,7 +50,7 @@ from gramstyle.engine.tensors import to_tensor
 from gramstyle.errors import FieldError
 from gramstyle.images import long_side_size
 from gramstyle.inputs import output_size, style_side
-from gramstyle.options import StyleOptions, check_weights
+from gramstyle.options import StyleOptions, check_weights, tile_pixels
 from gramstyle.results import Losses
 
 
@@ -217,7 +217,7 @@ class Objective:
     #: raises to stop a cancelled request (see :func:`gramstyle.engine.bands.run_layer`).
     check: Callable[[float], None] | None = field(default=None, repr=False)
     #: Tile side (px) of the loss and gradient computation, 0 for the whole image at once
-    #: (:mod:`gramstyle.engine.tiles`; ``options.tile_size``).
+    #: (:mod:`gramstyle.engine.tiles`; ``options.tile``).
     tile: int = 0
     #: Luminance-only transfer (``options.colour == 'luminance'``): the network sees
     #: :func:`~gramstyle.engine.colour.luminance` of ``x``, as its targets were computed.
@@ -298,9 +298,10 @@ class Objective:
                 region[j] = layer_weights(
                     mask_tensor(mask, size, device, f"{REGION_FIELD}[{j}]", "the output"),
                     extractor, style_layers)
-        if options.tile_size and any(r is not None for r in region):
-            raise FieldError("tile_size", f"got {options.tile_size}, but tiling does not support "
-                             "style region masks yet; leave tile_size at 0", options.tile_size)
+        tile = tile_pixels(options.tile)
+        if tile and any(r is not None for r in region):
+            raise FieldError("tile", f"got {options.tile}, but tiling does not support style "
+                             "region masks yet; set tile to off", options.tile)
         for j, mask in enumerate(style_source_masks if style_layers else ()):
             if mask is not None:
                 tick(mask.width * mask.height * 4e-8)
@@ -338,8 +339,8 @@ class Objective:
             def run() -> dict[str, torch.Tensor]:
                 pixels = coloured(kind, kept[index] if kept
                                   else to_tensor(resized(image, to), device))
-                if options.tile_size and tiled is not None:  # memory bounded by one tile
-                    return tiled(extractor, pixels, layers, options.tile_size, precision, check)
+                if tile and tiled is not None:  # memory bounded by one tile
+                    return tiled(extractor, pixels, layers, tile, precision, check)
                 with torch.no_grad(), autocast(device, precision):
                     return compute(extractor(pixels, layers, check))
             if cache is None:
@@ -383,7 +384,7 @@ class Objective:
                    content_t, style_t,
                    content_t[0] if (options.preserve_colors or colour == "luminance")
                    and content_t else None,
-                   check=check, tile=options.tile_size, luminance=colour == "luminance")
+                   check=check, tile=tile, luminance=colour == "luminance")
 
     @property
     def device(self) -> torch.device:

@@ -170,6 +170,8 @@ def interiors(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], ti
     exactly."""
     field = receptive_field(extractor, layers)
     for t in plan(x.shape[2], x.shape[3], tile, field):
+        if check is not None:
+            check()  # polls at once: a stop requested during a tile ends the run before the next
         pixels = x[:, :, t.ty0:t.ty1, t.tx0:t.tx1]
         with torch.no_grad(), autocast(x.device, precision):
             feats = extractor(pixels, layers, check)
@@ -315,6 +317,8 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
     tv_dx = objective.tv_weight / (3 * height * (width - 1)) if width > 1 else 0.0
     grad = torch.zeros_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
     for t in plan(height, width, tile, field):
+        if objective.check is not None:
+            objective.check()  # polls at once, between tiles (see interiors)
         pixels = x.detach()[:, :, t.ty0:t.ty1, t.tx0:t.tx1].clone().requires_grad_(True)
         with torch.enable_grad():
             with autocast(x.device, objective.precision):

@@ -200,6 +200,10 @@ class StyleTransfer:
         as they are, and options validated elsewhere (the codec, the CLI) are not checked
         against their bounds again. The checks that need the images (how many, their sizes)
         run when the images are there.
+
+        ``tile`` is kept as given; "auto" runs untiled in-process, since the engine knows no
+        memory limit (the gRPC service resolves it from its memory estimate before the run:
+        docs/tiling.md).
         """
         options = options if options is not None else StyleOptions()
         options = options.validated(max_size=self.max_size, max_iterations=max_iterations)

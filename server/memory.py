@@ -30,7 +30,7 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
   strings and their copy in the image's ``info``, ``METADATA_COPIES`` in all); the messages
   of queued requests, and of those still arriving, are held to the message budget
   (server/message_budget.py);
-- **tiles** (``tile_size`` set, :mod:`gramstyle.engine.tiles`): every network pass is
+- **tiles** (``tile`` a side in pixels, :mod:`gramstyle.engine.tiles`): every network pass is
   sized for the largest tile (interior plus halo) instead of the image, and the tiled
   objective adds three image-sized float32 vectors (its gradient); the image-sized parts
   (images, content targets at the output size, the optimiser's history) stay as they are;
@@ -56,7 +56,7 @@ from gramstyle.engine.optimise import LBFGS_HISTORY  # pairs kept, each two copi
 from gramstyle.engine.tiles import receptive_field
 from gramstyle.images import ImageHeader, decoded_bytes
 from gramstyle.inputs import input_named, output_size, resized_size
-from gramstyle.options import StyleOptions, scale_sizes
+from gramstyle.options import MIN_TILE, StyleOptions, scale_sizes, tile_pixels
 from gramstyle.sizes import format_size
 
 #: Fixed cost of any request (allocator arenas, oneDNN scratch, stacks), bytes.
@@ -197,15 +197,27 @@ def _tile_input(extractor: nn.Module, layers: Sequence[str], tile: int, width: i
     return tuple(min(n, side * 3 // 2 + field.stride + 2 * field.halo) for n in (width, height))
 
 
+def tile_sides(extractor: nn.Module, options: StyleOptions, content: bool, style: bool,
+               long_side: int) -> list[int]:
+    """The tile sides ``tile`` "auto" chooses from (px), smallest first: the multiples of
+    the loss layers' total stride S from :data:`~gramstyle.options.MIN_TILE` (rounded up to
+    S) up to the first one reaching ``long_side`` (a larger tile is the same single tile)."""
+    layers = [*(options.content_layers if content else ()),
+              *(options.style_layers if style else ())]
+    stride = receptive_field(extractor, layers).stride if layers else 1
+    first = -(-MIN_TILE // stride) * stride
+    return list(range(first, max(first, long_side) + stride, stride))
+
+
 def _tiled_network(extractor: nn.Module, options: StyleOptions, content: bool, style: bool,
                    width: int, height: int, element: int, gradient: bool) -> int:
-    """Bytes of the tiled objective (``options.tile_size``): the larger of pass 1 (a no-grad
+    """Bytes of the tiled objective (``options.tile``): the larger of pass 1 (a no-grad
     pass over one tile) and pass 2 (one tile's forward with autograd and backward), plus the
     image-sized float32 vectors it keeps: the gradient being summed, the one autograd is
     handed, and its product with the upstream gradient (12 bytes per pixel each)."""
     layers = [*(options.content_layers if content else ()),
               *(options.style_layers if style else ())]
-    w, h = _tile_input(extractor, layers, options.tile_size, width, height)
+    w, h = _tile_input(extractor, layers, tile_pixels(options.tile), width, height)
     network = _forward_peak(extractor, layers, w, h, element)
     if gradient:
         network = max(network, _backprop(extractor, options, content, style, w, h, element))
@@ -261,10 +273,10 @@ def _decoding(headers: Sequence[ImageHeader]) -> int:
 def _pass_size(extractor: nn.Module, options: StyleOptions, layers: Sequence[str],
                width: int, height: int) -> tuple[int, int]:
     """The input size of one network pass over a width x height image: the image, or with
-    ``options.tile_size`` its largest tile."""
-    if not options.tile_size:
+    ``options.tile`` set to a side its largest tile."""
+    if not tile_pixels(options.tile):
         return width, height
-    return _tile_input(extractor, layers, options.tile_size, width, height)
+    return _tile_input(extractor, layers, tile_pixels(options.tile), width, height)
 
 
 def _targets(extractor: nn.Module, options: StyleOptions,
@@ -333,7 +345,7 @@ def estimate_stylize(extractor: nn.Module, options: StyleOptions,
         phases[f"optimise{k}"] = {
             "images": images, "targets": kept,
             "activations": _tiled_network(extractor, options, bool(contents), bool(styles),
-                                          width, height, element, True) if options.tile_size
+                                          width, height, element, True) if tile_pixels(options.tile)
             else _backprop(extractor, options, bool(contents), bool(styles), width, height,
                            element),
             "optimiser": optimiser, "output": 24 * pixels}
@@ -357,7 +369,7 @@ def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: Imag
     images, decoding = _held(inputs, encoded, message)
     kept, transient = _targets(extractor, options, inputs, width, height, element)
     kept += 2 * _RGB_TENSOR * pixels  # the candidate as a tensor
-    if options.tile_size:
+    if tile_pixels(options.tile):
         network = _tiled_network(extractor, options, bool(contents), bool(styles), width,
                                  height, element, gradient)
         out = 6 * _RGB_TENSOR * pixels if gradient else 0
@@ -376,4 +388,5 @@ def estimate_losses(extractor: nn.Module, options: StyleOptions, candidate: Imag
                                "output": out}})
 
 
-__all__ = ["MARGIN", "OVERHEAD", "Estimate", "estimate_losses", "estimate_stylize"]
+__all__ = ["MARGIN", "OVERHEAD", "Estimate", "estimate_losses", "estimate_stylize",
+           "tile_sides"]

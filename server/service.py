@@ -12,7 +12,9 @@ on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
    image's header
    (:func:`gramstyle.images.probe_image`: allowed format, pixel limit, a ComputeLosses
    candidate's size) and the request's peak-memory estimate
-   (:mod:`gramstyle.server.memory`), which must fit ``max_request_memory``. A caller's
+   (:mod:`gramstyle.server.memory`), which must fit ``max_request_memory`` (``tile``
+   "auto" is resolved here: off when the untiled run fits, else the largest tile that
+   does; refused only when even the smallest tile does not). A caller's
    mistake is INVALID_ARGUMENT even while the server is saturated, and never costs a slot.
    Header parsing runs on a small thread pool, off the event loop.
 2. **Admission**: the job is queued by count and by memory, or refused at once with
@@ -186,9 +188,41 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                              f"over this server's limit of {self.max_images} images per "
                              f"request", total)
 
-    def _fits(self, estimate: memory.Estimate, options: StyleOptions, losses: bool) -> None:
+    def _admit(self, estimate_of: Callable[[StyleOptions], memory.Estimate],
+               options: StyleOptions, sides: Callable[[], list[int]], losses: bool
+               ) -> tuple[memory.Estimate, StyleOptions]:
+        """The estimate of a request and the options it runs with: ``tile`` "auto" resolved
+        to "off" when the untiled run fits the per-request limit, else to the largest tile of
+        ``sides()`` (ascending) whose estimate fits. Refuses (:meth:`_fits`) a request that
+        does not fit even so. ``estimate_of(options)``: the request's estimate with these
+        options."""
+        estimate = estimate_of(options)
+        limit = self.max_request_memory
+        if options.tile != "auto":
+            self._fits(estimate, options, losses)
+            return estimate, options
+        if limit is None or estimate.total <= limit:
+            return estimate, options.resolved(options.network, tile="off")
+        candidates = sides()
+        # The estimate grows with the tile: binary search for the largest side that fits.
+        low, high, best = 0, len(candidates) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            tiled = options.resolved(options.network, tile=candidates[middle])
+            tried = estimate_of(tiled)
+            if tried.total <= limit:
+                best, low = (tried, tiled), middle + 1
+            else:
+                high = middle - 1
+        if best is None:
+            smallest = options.resolved(options.network, tile=candidates[0])
+            self._fits(estimate_of(smallest), smallest, losses, auto=True)
+        return best
+
+    def _fits(self, estimate: memory.Estimate, options: StyleOptions, losses: bool,
+              auto: bool = False) -> None:
         """Refuse a request whose estimated peak memory is over the per-request limit,
-        naming what to lower."""
+        naming what to lower (``auto``: even the smallest tile "auto" could choose is over)."""
         limit = self.max_request_memory
         if limit is None or estimate.total <= limit:
             return
@@ -202,10 +236,16 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         elif largest == "optimiser":
             field, advice = "size", (f"lower size, or use optimizer adam (L-BFGS keeps up "
                                      f"to {2 * LBFGS_HISTORY} copies of the image)")
-        else:
+        elif options.tile == "off":
             field, advice = "size", ("lower size or style_scale, use fewer loss layers, or "
-                                     "set tile_size (docs/tiling.md)")
-        raise FieldError(field, f"the request needs {estimate.describe()}, over this "
+                                     "set tile to auto or a side in pixels (docs/tiling.md)")
+        elif auto:
+            field, advice = "size", "lower size or style_scale, or use fewer loss layers"
+        else:
+            field, advice = "tile", "lower tile, size or style_scale, or use fewer loss layers"
+        tiled = (f" even with tile {options.tile}, the smallest tile auto could choose,"
+                 if auto else "")
+        raise FieldError(field, f"the request needs {estimate.describe()},{tiled} over this "
                          f"server's limit of {format_size(limit)} per request; {advice}")
 
     async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
@@ -261,14 +301,19 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             images = codec.request_images(request)
             self._count(images)
 
-            def plan(stopped: Callable[[], bool]) -> memory.Estimate:
+            def plan(stopped: Callable[[], bool]) -> tuple[memory.Estimate, StyleOptions]:
                 headers = self._probe("Stylize", images, engine, stopped)
-                return memory.estimate_stylize(
-                    engine.extractor, options, headers.pop("content"), headers.pop("style"),
-                    headers, _encoded(images), message=request.ByteSize())
+                contents, styles = headers.pop("content"), headers.pop("style")
 
-            estimate = await self._headers_of(plan, context)
-            self._fits(estimate, options, losses=False)
+                def estimate_of(checked: StyleOptions) -> memory.Estimate:
+                    return memory.estimate_stylize(
+                        engine.extractor, checked, contents, styles, headers,
+                        _encoded(images), message=request.ByteSize())
+                return self._admit(estimate_of, options, lambda: memory.tile_sides(
+                    engine.extractor, options, bool(contents), bool(styles), options.size),
+                    losses=False)
+
+            estimate, options = await self._headers_of(plan, context)
         except (ValueError, Cancelled) as exc:  # FieldError (ModelNotLoaded, ImageError ...)
             await abort(context, exc)
 
@@ -319,13 +364,18 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                 checked = engine.validate(codec.losses_options(
                     request, max(16, candidate.width, candidate.height), engine.max_size),
                     MAX_ITERATIONS)
-                return memory.estimate_losses(
-                    engine.extractor, checked, candidate, headers.pop("content"),
-                    headers.pop("style"), request.gradient, _encoded(images),
-                    others=headers, message=request.ByteSize()), checked
+                contents, styles = headers.pop("content"), headers.pop("style")
+
+                def estimate_of(tiled: StyleOptions) -> memory.Estimate:
+                    return memory.estimate_losses(
+                        engine.extractor, tiled, candidate, contents, styles,
+                        request.gradient, _encoded(images), others=headers,
+                        message=request.ByteSize())
+                return self._admit(estimate_of, checked, lambda: memory.tile_sides(
+                    engine.extractor, checked, bool(contents), bool(styles), checked.size),
+                    losses=True)
 
             estimate, options = await self._headers_of(plan, context)
-            self._fits(estimate, options, losses=True)
         except (ValueError, Cancelled) as exc:  # FieldError (ModelNotLoaded, ImageError ...)
             await abort(context, exc)
 

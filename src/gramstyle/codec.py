@@ -36,6 +36,7 @@ from gramstyle.inputs import ImageInput, input_named, inputs_of
 from gramstyle.options import (
     MAX_ITERATIONS,
     MAX_SIZE,
+    TILE_CHOICES,
     OptionSpec,
     StyleOptions,
     enum_choices,
@@ -210,6 +211,13 @@ def _encode_options(message: Any, values: Mapping[str, Any]) -> None:
         if name not in values:
             continue
         value = values[name]
+        if spec.kind == "tile":  # unset: auto; 0: off; N: pixels (the proto's comment)
+            if isinstance(value, str) and value not in TILE_CHOICES:
+                raise FieldError(name, f"must be auto, off or an integer (pixels), got "
+                                 f"{value!r}", value)
+            if value != "auto":
+                setattr(message, name, 0 if value == "off" else _int(name, value))
+            continue
         if spec.kind == "choice":
             value = enum_number(spec.enum, name, value)
         elif spec.kind == "int":
@@ -293,6 +301,10 @@ def _given_options(request: Any, names: Sequence[str]) -> dict[str, Any]:
             value = enum_value(spec.enum, name, getattr(request, name), None)
             if value is not None:  # UNSPECIFIED: the default
                 given[name] = value
+        elif spec.kind == "tile":
+            if request.HasField(name):  # absent: auto (the default)
+                value = getattr(request, name)
+                given[name] = "off" if value == 0 else value
         elif spec.kind != "layer_weights" and _has(request, name):
             given[name] = getattr(request, name)
     return given

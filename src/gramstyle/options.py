@@ -51,6 +51,10 @@ MAX_ITERATIONS = 10_000
 MAX_SCALES = 8
 #: Smallest long side of the coarsest scale.
 MIN_SCALE_SIZE = 32
+#: The ``tile`` option: its named values, and the smallest side in pixels (the total stride
+#: of VGG's deepest layers: a tile's interior is a multiple of it, see gramstyle.engine.tiles).
+TILE_CHOICES = ("auto", "off")
+MIN_TILE = 16
 
 #: Early stop (the ``tolerance`` option): every CONVERGENCE_CHECK_EVERY iterations of a scale,
 #: the run compares the best total loss so far with the best one CONVERGENCE_WINDOW iterations
@@ -64,7 +68,8 @@ DEFAULT_TOLERANCE = 0.0125
 #: int, float, bool: a scalar; choice: one of the names of a proto enum (``enum``);
 #: layers: layer names; layer_weights: one weight per layer of ``of``; blend_weights: one
 #: weight per image of the request field ``of``.
-KINDS = ("int", "float", "bool", "choice", "layers", "layer_weights", "blend_weights")
+#: tile: "auto", "off" or an int in [low, high] (the ``tile`` option).
+KINDS = ("int", "float", "bool", "choice", "layers", "layer_weights", "blend_weights", "tile")
 #: Scopes: "losses" options shape the objective (Stylize and ComputeLosses take them);
 #: "stylize" options drive the optimisation (Stylize only).
 SCOPES = ("losses", "stylize")
@@ -254,6 +259,11 @@ def check_value(name: str, spec: OptionSpec, value: Any, limits: dict[str, float
             raise FieldError(name, text.format(low=f"{spec.low:g}", high=f"{high:g}",
                                                unit=unit, value=value), value)
         return value
+    if spec.kind == "tile":
+        if value in TILE_CHOICES or (_is_int(value) and spec.low <= value <= high):
+            return value
+        raise FieldError(name, f"must be auto, off or an integer between {spec.low:g} and "
+                         f"{high:g} pixels, got {preview(value)}", value)
     if spec.kind == "float":
         return check_float(name, value, spec.low or 0.0,
                            FLOAT32_MAX if high is None else min(high, FLOAT32_MAX),
@@ -355,12 +365,14 @@ class StyleOptions:
         "CPUs with AVX512-BF16 or AMX), else fp32; fp32; or bf16 autocast for the network "
         "(losses and pixels stay fp32). Results report the precision used",
         scope="losses", enum=pb.Precision)
-    tile_size: int = option(
-        0, "int", "compute the loss and its gradient over tiles of about this many pixels a "
-        "side (rounded down to a multiple of the network's stride), each with a halo that "
-        "keeps them exact: the network's memory is bounded by the tile, not the image "
-        "(docs/tiling.md); 0 = off, the whole image at once", scope="losses", low=0,
-        high="max_size", unit="pixels", metavar="PX")
+    tile: str | int = option(
+        "auto", "tile", "compute the loss and its gradient over tiles of about this many "
+        "pixels a side (rounded down to a multiple of the network's stride), each with a halo "
+        "that keeps them exact: the network's memory is bounded by the tile, not the image "
+        "(docs/tiling.md); off = the whole image at once; auto = tile only when the untiled "
+        "run would not fit the server's per-request memory limit, with the largest tile that "
+        "fits (in-process, with no memory limit: off)", scope="losses", low=MIN_TILE,
+        high="max_size", unit="pixels", metavar="auto|off|PX")
     progress_every: int = option(
         10, "int", "report progress after 0, N, 2N, ... iterations and after the last one",
         low=1)
@@ -472,6 +484,12 @@ def default_within(max_size: int = MAX_SIZE, max_iterations: int = MAX_ITERATION
             "iterations": max(1, min(defaults["iterations"], max_iterations // scales))}
 
 
+def tile_pixels(tile: str | int) -> int:
+    """The tile side in pixels of a checked ``tile`` value, 0 for no tiling ("off", and
+    "auto" where nothing resolved it: see :meth:`StyleTransfer.validate`)."""
+    return tile if _is_int(tile) else 0
+
+
 def flag_of(name: str, spec: OptionSpec) -> str:
     """The CLI flag of an option."""
     return spec.flag or "--" + name.replace("_", "-")
@@ -499,8 +517,9 @@ __all__ = [
     "DEFAULT_CONTENT_LAYERS", "DEFAULT_DEVICE", "DEFAULT_POOLING", "DEFAULT_TARGET_CACHE_MB",
     "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEFAULT_WEIGHTS", "DEVICES", "FLOAT32_MAX",
     "FLOAT32_TINY", "MAX_ITERATIONS", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE",
-    "MIN_SCALE_SIZE", "MODEL_DEFAULTS", "POOLINGS", "OptionSpec", "StyleOptions",
+    "MIN_SCALE_SIZE", "MIN_TILE", "MODEL_DEFAULTS", "POOLINGS", "TILE_CHOICES", "OptionSpec",
+    "StyleOptions",
     "check_choice", "check_float", "check_weight", "check_weights", "default_within",
     "enum_choices", "flag_of", "layer_names", "markdown_table", "preview", "scale_sizes",
-    "split_list",
+    "split_list", "tile_pixels",
 ]

@@ -67,7 +67,7 @@ def _changed_options() -> StyleOptions:
         style_weight=7.0, tv_weight=0.25, init="style", optimizer="adam", iterations=12,
         learning_rate=0.05, seed=-3, size=96, style_scale=0.75, scales=2,
         preserve_colors=True, colour="match", precision="bf16", progress_every=4, tolerance=0.05,
-        tile_size=64)
+        tile=64)
 
 
 def test_options_survive_the_wire_both_ways():

@@ -154,9 +154,9 @@ def test_tiled_matches_untiled_in_bf16(vgg16_random, images):
 
 
 def test_tiled_targets_match_untiled(vgg16_random, images):
-    """Content feature maps and style Grams built tile by tile (tile_size set)."""
+    """Content feature maps and style Grams built tile by tile (tile set)."""
     whole = _objective(vgg16_random, images, 136, 100, **SHALLOW)
-    tiled = _objective(vgg16_random, images, 136, 100, tile_size=32, **SHALLOW)
+    tiled = _objective(vgg16_random, images, 136, 100, tile=32, **SHALLOW)
     assert tiled.tile == 32 and whole.tile == 0
     for name, loss in whole.content.losses.items():
         torch.testing.assert_close(tiled.content.losses[name].target.mean, loss.target.mean,
@@ -166,13 +166,13 @@ def test_tiled_targets_match_untiled(vgg16_random, images):
                                    rtol=1e-5, atol=1e-9)
 
 
-def test_compute_losses_with_tile_size_gives_the_untiled_report(vgg16_random, images):
+def test_compute_losses_with_tile_gives_the_untiled_report(vgg16_random, images):
     candidate = Image.fromarray(np.random.default_rng(4).integers(0, 256, (100, 136, 3),
                                                                   dtype=np.uint8))
     reports = [vgg16_random.compute_losses(
         candidate, images["cat"], images["starry"], StyleOptions(
-            precision="fp32", tile_size=tile, tv_weight=2.0, **SHALLOW), gradient=True)
-        for tile in (0, 32)]
+            precision="fp32", tile=tile, tv_weight=2.0, **SHALLOW), gradient=True)
+        for tile in ("off", 32)]
     whole, tiled = reports
     assert tiled.losses.total == pytest.approx(whole.losses.total, rel=1e-5)
     g0, g1 = (np.frombuffer(r.gradient_bytes, "<f4") for r in reports)
@@ -186,8 +186,8 @@ def test_stylize_with_tiles_follows_the_untiled_run(vgg16_random, images, optimi
     may flip a step: a few pixels may differ by more than one level."""
     results = [vgg16_random.stylize(images["cat"], images["starry"], StyleOptions(
         size=64, iterations=2, precision="fp32", optimizer=optimizer, tolerance=0,
-        tile_size=tile, tv_weight=1.0, content_layers=("relu2_2",),
-        style_layers=("relu1_1", "relu2_1"))) for tile in (0, 32)]
+        tile=tile, tv_weight=1.0, content_layers=("relu2_2",),
+        style_layers=("relu1_1", "relu2_1"))) for tile in ("off", 32)]
     whole, tiled = results
     assert tiled.image.size == whole.image.size == (64, 43)
     assert tiled.losses.total == pytest.approx(whole.losses.total, rel=1e-4)
@@ -204,7 +204,7 @@ def test_cancelled_between_tiles(vgg16_random, images):
         polls.append(1)
         return len(polls) > 3
 
-    objective_options = StyleOptions(precision="fp32", tile_size=16, **SHALLOW)
+    objective_options = StyleOptions(precision="fp32", tile=16, **SHALLOW)
     candidate = Image.new("RGB", (128, 96), (120, 80, 40))
     with pytest.raises(Cancelled):
         vgg16_random.compute_losses(candidate, images["cat"], images["starry"],

@@ -1,4 +1,4 @@
-"""The memory estimate of a tiled run (tile_size): the network sized by the tile, the
+"""The memory estimate of a tiled run (tile): the network sized by the tile, the
 image-sized vectors by the image; and bench/tiled_memory.py's smoke mode, measured."""
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ def _header(width: int, height: int) -> ImageHeader:
     return ImageHeader(format="PNG", mode="RGB", width=width, height=height)
 
 
-def _stylize(engine, size: int, tile: int):
-    options = engine.validate(StyleOptions(size=size, tile_size=tile, precision="fp32"))
+def _stylize(engine, size: int, tile: str | int):
+    options = engine.validate(StyleOptions(size=size, tile=tile, precision="fp32"))
     return estimate_stylize(engine.extractor, options, [_header(size, size * 3 // 4)],
                             [_header(512, 512)])
 
 
 def test_tiled_estimate_bounds_the_network_by_the_tile(random_engine):
-    whole, tiled = _stylize(random_engine, 2048, 0), _stylize(random_engine, 2048, 256)
+    whole, tiled = _stylize(random_engine, 2048, "off"), _stylize(random_engine, 2048, 256)
     assert tiled.total < whole.total / 2, (whole.describe(), tiled.describe())
     assert tiled.parts["activations"] < whole.parts["activations"] / 4
     # The optimiser's image-sized history is the same either way.
@@ -41,7 +41,7 @@ def test_tiled_estimate_bounds_the_network_by_the_tile(random_engine):
 
 
 def test_tiled_estimate_of_compute_losses(random_engine):
-    options = random_engine.validate(StyleOptions(tile_size=128, precision="fp32"))
+    options = random_engine.validate(StyleOptions(tile=128, precision="fp32"))
     untiled = random_engine.validate(StyleOptions(precision="fp32"))
     args = (_header(1536, 1024), [_header(1536, 1024)], [_header(512, 512)], True)
     assert (estimate_losses(random_engine.extractor, options, *args).total
