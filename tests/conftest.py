@@ -252,6 +252,47 @@ def server(request: pytest.FixtureRequest):
     srv.stop(grace=None)
 
 
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client of the module's server's HTTP front (the module's SERVER_SETTINGS
+    must set ``http_port``)."""
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as client:
+        yield client
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def can_reset_peak_rss() -> bool:
+    """Whether this Linux lets a process reset its peak RSS (/proc/self/clear_refs, 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM" in Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+
+
+def count_validation(monkeypatch: pytest.MonkeyPatch, engine: Any
+                     ) -> tuple[list[str], list[str]]:
+    """(the option names ``gramstyle.options.check_value`` checks, the fields whose layer
+    names ``engine``'s network resolves), recorded from now on."""
+    import gramstyle.options as options_module
+
+    checked: list[str] = []
+    real = options_module.check_value
+    monkeypatch.setattr(options_module, "check_value",
+                        lambda name, *args: (checked.append(name), real(name, *args))[1])
+    resolved: list[str] = []
+    real_resolve = engine.extractor.resolve_all
+    monkeypatch.setattr(engine.extractor, "resolve_all",
+                        lambda layers, field: (resolved.append(field),
+                                               real_resolve(layers, field))[1])
+    return checked, resolved
+
+
 # ------------------------------------------------------------------ a spy at the engine boundary
 
 

@@ -12,6 +12,7 @@ import pkgutil
 import warnings
 
 import pytest
+from conftest import count_validation
 
 from gramstyle import codec, errors
 from gramstyle.errors import (
@@ -200,17 +201,7 @@ def test_validated_options_are_frozen_and_checked_once(monkeypatch):
 
 
 def test_the_engine_trusts_options_it_checked(random_engine, monkeypatch):
-    import gramstyle.options as options_module
-
-    checked: list[str] = []
-    real = options_module.check_value
-    monkeypatch.setattr(options_module, "check_value",
-                        lambda name, *args: (checked.append(name), real(name, *args))[1])
-    resolved: list[str] = []
-    real_resolve = random_engine.extractor.resolve_all
-    monkeypatch.setattr(random_engine.extractor, "resolve_all",
-                        lambda layers, field: (resolved.append(field),
-                                               real_resolve(layers, field))[1])
+    checked, resolved = count_validation(monkeypatch, random_engine)
     options = random_engine.validate(StyleOptions(content_layers=("22",), precision="auto"))
     assert options.content_layers == ("relu4_2",) and options.precision in ("fp32", "bf16")
     assert options.network == random_engine.model_key

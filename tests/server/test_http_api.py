@@ -68,12 +68,6 @@ def data(images) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def stub(server) -> Iterator[pb_grpc.StyleTransferServiceStub]:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.StyleTransferServiceStub(channel)

@@ -17,7 +17,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -40,12 +39,6 @@ LONG = {"iterations": 10_000, "tolerance": 0.0}
 @pytest.fixture(scope="module")
 def data(images) -> dict[str, bytes]:
     return {"cat": small_png(images["cat"]), "starry": small_png(images["starry"])}
-
-
-@pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as client:
-        yield client
 
 
 def stylize_json(data: dict[str, bytes], **fields) -> dict:

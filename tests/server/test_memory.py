@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import can_reset_peak_rss
 
 ESTIMATE_SCRIPT = r"""
 import io, json, re, sys
@@ -58,16 +58,7 @@ print(json.dumps(results))
 """
 
 
-def _can_reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM" in Path("/proc/self/status").read_text()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not can_reset_peak_rss(), reason="needs Linux /proc peak-RSS reset")
 def test_memory_estimate_is_not_below_measured_peak_rss():
     cases = [
         {"content": [128, 96], "styles": [[96, 96]],

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import can_reset_peak_rss
 
 SCRIPT = r"""
 import io, json, re, struct, sys, zlib
@@ -69,17 +69,8 @@ print(json.dumps(results))
 """
 
 
-def _can_reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM" in Path("/proc/self/status").read_text()
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not can_reset_peak_rss(), reason="needs Linux /proc peak-RSS reset")
 def test_estimate_covers_unknown_fields_and_text_chunks():
     cases = [{"text": 0, "unknown": 48 * 2**20},  # issue: 60 MB unknown field, 77 vs 183 MiB
              {"text": 12 * 2**20, "unknown": 0},  # a text chunk under the 16 MiB limit

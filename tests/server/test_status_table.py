@@ -13,7 +13,7 @@ from concurrent.futures import CancelledError
 import grpc
 import pytest
 import torch
-from conftest import build_server
+from conftest import build_server, count_validation
 from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
@@ -285,17 +285,7 @@ def test_unset_size_and_iterations_take_what_the_server_allows(stub, pictures, l
 def test_a_request_is_validated_once(stub, pictures, limited_engine, monkeypatch):
     """Each option is checked once per call (the codec, at the edge) and the layer names
     once (the engine's network check); the engine's job trusts both."""
-    import gramstyle.options as options_module
-
-    checked: list[str] = []
-    real = options_module.check_value
-    monkeypatch.setattr(options_module, "check_value",
-                        lambda name, *args: (checked.append(name), real(name, *args))[1])
-    resolved: list[str] = []
-    real_resolve = limited_engine.extractor.resolve_all
-    monkeypatch.setattr(limited_engine.extractor, "resolve_all",
-                        lambda layers, field: (resolved.append(field),
-                                               real_resolve(layers, field))[1])
+    checked, resolved = count_validation(monkeypatch, limited_engine)
     _run(stub, _stylize(pictures, iterations=1))
     assert sorted(checked) == sorted(name for name, _, _ in StyleOptions.specs())
     assert sorted(resolved) == ["content_layers", "style_layers"]
