@@ -222,12 +222,17 @@ class StreamBase:
     When the server fails mid-stream with UNAVAILABLE, the call starts again from the
     beginning (within the client's ``retries``); :attr:`attempt` counts the tries and every
     :class:`Progress` carries it.
+
+    A large result image arrives in ResultChunk messages before the Result; they are
+    reassembled here (:class:`gramstyle.codec.ResultAssembly`), and a broken chunk stream
+    fails the call with DATA_LOSS. A restarted attempt drops the chunks of the one before.
     """
 
     def __init__(self, attempts: Attempts):
         self._attempts = attempts
         self._cancelled = False
         self._call = attempts.start()
+        self._assembly = codec.ResultAssembly()
         self.result: StylizeResult | None = None
 
     @property
@@ -236,18 +241,31 @@ class StreamBase:
         return self._attempts.attempt
 
     def _accept(self, message: pb.StylizeResponse) -> Progress | None:
-        """A progress message, or None after storing the result."""
-        if message.HasField("progress"):
+        """A progress message, or None after taking a result chunk or storing the result.
+        Raises ServiceError(DATA_LOSS) (and cancels the call) on a broken chunk stream."""
+        kind = message.WhichOneof("kind")
+        if kind == "progress":
             progress = codec.progress_from(message.progress)
             progress.attempt = self._attempts.attempt
             return progress
-        self.result = codec.result_from(message.result)
+        try:
+            if kind == "result_chunk":
+                self._assembly.add(message.result_chunk)
+            elif kind == "result":
+                self.result = codec.result_from(self._assembly.complete(message.result))
+            else:
+                raise FieldError("kind", f"a Stylize stream message of unknown kind "
+                                 f"{kind!r} (a newer server?)")
+        except ValueError as exc:
+            self._call.cancel()
+            raise ServiceError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
         return None
 
     def _restart(self) -> None:
-        """Start the next attempt (after the backoff)."""
+        """Start the next attempt (after the backoff), without the last one's chunks."""
         if self._cancelled:
             self._raise_cancelled()
+        self._assembly = codec.ResultAssembly()
         self._call = self._attempts.start()
 
     @staticmethod

@@ -40,7 +40,8 @@ from gramstyle.errors import FieldError
 #: ``-----BEGIN`` line).
 PemSource = str | os.PathLike[str] | bytes
 
-#: Send/receive limit; matches the server's default (a 2048 px PNG each way, with room).
+#: Send/receive limit; matches the server's default (result images of any size arrive in
+#: chunks far below it).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE = "gramstyle.v1.StyleTransferService"
 

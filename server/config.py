@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from gramstyle.codec import RESULT_CHUNK_BYTES
 from gramstyle.errors import FieldError
 from gramstyle.images import DEFAULT_MAX_PIXELS
 from gramstyle.options import (
@@ -44,8 +45,10 @@ T = TypeVar("T")
 
 #: Every setting's environment variable is this prefix and its flag's name.
 ENV_PREFIX = "GRAMSTYLE_"
-#: Send/receive limit, MiB: a 2048x2048 RGB PNG is at most ~12.6 MB (incompressible noise),
-#: a request may carry several images, and a 2048 px gradient is 50 MB of float32.
+#: Send/receive limit, MiB: a request may carry several images (a 2048x2048 RGB PNG is at
+#: most ~12.6 MB, incompressible noise; a 4096 px photo as PNG typically 20-40 MB), and a
+#: 2048 px gradient is 50 MB of float32 (a larger one is refused before the work). Results
+#: of any size arrive in chunks of RESULT_CHUNK_BYTES, so the limit never cuts them.
 DEFAULT_MAX_MESSAGE_MB = 64
 #: gRPC takes the message limit as a C int of bytes: 2047 MiB is the most that fits.
 MAX_MESSAGE_MB = (2**31 - 1) // 2**20
@@ -228,8 +231,9 @@ class ServeConfig:
                                    high=MAX_ITERATIONS)
     max_message_mb: int = _setting(
         DEFAULT_MAX_MESSAGE_MB, "--max-message-mb",
-        "gRPC send/receive message limit, MiB (64: a 2048 px PNG each way, several input "
-        "images, or a 2048 px gradient; the client library uses the same default)",
+        "gRPC send/receive message limit, MiB (64: several input images, or a 2048 px "
+        "gradient; result images of any size arrive in 1 MiB chunks; the client library "
+        "uses the same default)",
         parse=int, low=1, high=MAX_MESSAGE_MB, metavar="MIB")
     grace_s: float = _setting(30.0, "--grace", "on SIGTERM, how long in-flight calls may take "
                               "to finish", parse=float, low=0.0, high=_MAX_SECONDS,
@@ -332,6 +336,13 @@ class ServeConfig:
         "close each client connection after about this long, so that dns:/// clients "
         "resolve again and find new replicas; calls in flight on it go on",
         low=0.01, high=_MAX_SECONDS)
+
+    #: A Stylize result image longer than this (encoded, bytes) is sent as ResultChunk
+    #: messages of at most this size (at most a quarter of the message limit).
+    result_chunk_bytes: int = _setting(
+        RESULT_CHUNK_BYTES, None,
+        "the largest piece of a result image per Stylize stream message, bytes",
+        low=1, high=MAX_MESSAGE_MB * 2**20)
 
     # -------------------------------------------------------------- security
     #: TLS: the certificate chain and key (PEM paths); with ``tls_client_ca``, mutual TLS.

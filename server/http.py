@@ -13,8 +13,10 @@ Routes (``ROUTES``):
   ``content``, ``style``, ``style_mask``, ``style_source_mask`` (each may repeat),
   ``init_image``; every other field by its proto or JSON name, as
   text). Answers ``text/event-stream``: one event per StylizeResponse, named after its kind
-  (``progress``, then one ``result``), its data the message in JSON; a failure after the
-  stream started is an ``error`` event carrying the error object below.
+  (``progress``, then one ``result``, which always holds the whole image: a result the
+  servicer cuts into ResultChunk messages for gRPC is reassembled here), its data the
+  message in JSON; a failure after the stream started is an ``error`` event carrying the
+  error object below.
 - ``POST /v1/losses``: ComputeLossesRequest -> ComputeLossesResponse.
 - ``GET /v1/info``: GetServerInfoResponse.
 - ``GET /healthz`` (the whole server, gRPC health service "") and ``GET /readyz`` (the
@@ -78,6 +80,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from gramstyle import codec
 from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.server.interceptors import REQUEST_ID_KEY, observe
 from gramstyle.server.metrics import Metrics
@@ -599,13 +602,27 @@ class HttpFront:
 
         return [
             Route("/", self._page, methods=["GET"]),
-            rpc("/v1/stylize", "POST", self.service.Stylize, pb.StylizeRequest, stream=True),
+            rpc("/v1/stylize", "POST", self._stylize, pb.StylizeRequest, stream=True),
             rpc("/v1/losses", "POST", self.service.ComputeLosses, pb.ComputeLossesRequest),
             rpc("/v1/info", "GET", self.service.GetServerInfo, pb.GetServerInfoRequest,
                 public=self.public_reflection),
             health("/healthz", ""),
             health("/readyz", SERVICE_NAME),
         ]
+
+    async def _stylize(self, request: pb.StylizeRequest, context: HttpContext
+                       ) -> AsyncIterator[Message]:
+        """The servicer's Stylize stream with a chunked result reassembled: the ``result``
+        event always carries the whole image (an event stream has no message limit)."""
+        assembly = codec.ResultAssembly()
+        async for message in self.service.Stylize(request, context):
+            kind = message.WhichOneof("kind")
+            if kind == "result_chunk":
+                assembly.add(message.result_chunk)
+            elif kind == "result":
+                yield pb.StylizeResponse(result=assembly.complete(message.result))
+            else:
+                yield message
 
     def _health(self, service: str) -> Callable:
         async def check(_request: Any, context: HttpContext) -> Message:

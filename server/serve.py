@@ -148,6 +148,7 @@ class GramstyleServer:
         self.service = StyleTransferService(
             engines, self.work, max_iterations=config.max_iterations,
             max_message_bytes=config.max_message_bytes, max_images=config.max_images,
+            result_chunk_bytes=config.result_chunk_bytes,
             max_request_memory=config.max_request_memory,
             on_iterations=self.metrics.iterations.inc)
         self.host = config.host

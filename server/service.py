@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransferService"].full_name
 
+#: Bytes of a ComputeLosses gradient per candidate pixel: 3 float32 values.
+GRADIENT_BYTES_PER_PIXEL = 12
+#: Room in a response message for what is not the gradient (losses, per-layer maps, names).
+RESPONSE_MARGIN_BYTES = 64 * 2**10
+
 #: Progress messages held for a caller that reads slowly; older ones are dropped.
 RELAY_LIMIT = 16
 
@@ -131,7 +136,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         work: the bounded worker queue that runs Stylize and ComputeLosses; its
             ``memory_budget`` is the most the running jobs' estimates may add up to.
         max_iterations: per-request iteration limit (<= options.MAX_ITERATIONS).
-        max_message_bytes: reported in GetServerInfo; the server applies it.
+        max_message_bytes: reported in GetServerInfo; the server applies it. A
+            ComputeLosses whose gradient could not fit it is refused before the work, and
+            result chunks are at most a quarter of it.
+        result_chunk_bytes: a Stylize result image whose encoding is longer is sent as
+            ResultChunk messages of at most this many bytes (:func:`codec.result_messages`).
         max_images: images per request (content, style, init image, candidate together).
         max_request_memory: the largest peak-memory estimate (bytes) a request may have
             (None: the queue's memory budget, or no limit).
@@ -140,6 +149,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
 
     def __init__(self, engines: Sequence[StyleTransfer], work: WorkQueue, *,
                  max_iterations: int = MAX_ITERATIONS, max_message_bytes: int = 0,
+                 result_chunk_bytes: int = codec.RESULT_CHUNK_BYTES,
                  max_images: int = DEFAULT_MAX_IMAGES, max_request_memory: int | None = None,
                  on_iterations: Callable[[int], None] | None = None):
         if not engines:
@@ -150,6 +160,12 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         self.work = work
         self.max_iterations = min(max_iterations, MAX_ITERATIONS)
         self.max_message_bytes = max_message_bytes
+        if result_chunk_bytes < 1:
+            raise FieldError("result_chunk_bytes", f"must be >= 1, got {result_chunk_bytes}",
+                             result_chunk_bytes)
+        # A chunk and its message's few bytes of framing stay far inside the send limit.
+        self.result_chunk_bytes = (min(result_chunk_bytes, max(1, max_message_bytes // 4))
+                                   if max_message_bytes else result_chunk_bytes)
         self.max_images = max_images
         limits = [n for n in (max_request_memory, work.memory_budget) if n is not None]
         self.max_request_memory = min(limits) if limits else None
@@ -248,6 +264,21 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         raise FieldError(field, f"the request needs {estimate.describe()},{tiled} over this "
                          f"server's limit of {format_size(limit)} per request; {advice}")
 
+    def _check_gradient(self, candidate: ImageHeader) -> None:
+        """Refuse a ComputeLosses whose gradient (float32, 3 x height x width) could not fit
+        this server's message limit -- before the work, not with RESOURCE_EXHAUSTED after."""
+        if not self.max_message_bytes:
+            return
+        needed = GRADIENT_BYTES_PER_PIXEL * candidate.width * candidate.height
+        if needed + RESPONSE_MARGIN_BYTES <= self.max_message_bytes:
+            return
+        most = (self.max_message_bytes - RESPONSE_MARGIN_BYTES) // GRADIENT_BYTES_PER_PIXEL
+        raise FieldError("gradient", f"the gradient of a {candidate.width}x{candidate.height} "
+                         f"candidate is {format_size(needed)} of float32 (3 x width x "
+                         f"height x 4 bytes), over this server's message limit of "
+                         f"{format_size(self.max_message_bytes)}; send a candidate of at "
+                         f"most {most} pixels, or leave gradient unset", True)
+
     async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
         """``fn(stopped)`` (which reads image headers) on the header pool, off the event loop.
         ``stopped()`` turns true at the caller's deadline or when it leaves, so that a probe
@@ -320,14 +351,15 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         relay = _Relay(asyncio.get_running_loop())
         stop = threading.Event()
 
-        def job() -> pb.StylizeResponse:
+        def job() -> list[pb.StylizeResponse]:
             result = engine.stylize(
                 **codec.engine_images(request), options=options, preview=request.preview,
                 progress=lambda p: relay.put(codec.progress_message(p, fmt)),
                 should_stop=stop.is_set)
             if self._on_iterations is not None:
                 self._on_iterations(result.iterations)
-            return codec.result_message(result, fmt)  # encoded here, off the event loop
+            # Encoded (and cut into chunks when large) here, off the event loop.
+            return codec.result_messages(result, fmt, self.result_chunk_bytes)
 
         try:
             future = self._submit(job, estimate)
@@ -338,13 +370,14 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             async for message in relay:
                 yield message
             try:
-                result = future.result()
+                results = future.result()
             except Exception as exc:  # noqa: BLE001 -- mapped to a status code
                 await abort(context, exc)
             if relay.dropped:
                 log.info("%d progress message(s) dropped: the caller read slowly",
                          relay.dropped)
-            yield result
+            for message in results:  # the result's chunks, then the Result
+                yield message
         finally:
             stop.set()  # the call ended (for any reason): stop the job ...
             future.cancel()  # ... or take it out of the queue at once
@@ -359,6 +392,8 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             def plan(stopped: Callable[[], bool]) -> tuple[memory.Estimate, StyleOptions]:
                 headers = self._probe("ComputeLosses", images, engine, stopped)
                 (candidate,) = headers.pop("candidate")
+                if request.gradient:
+                    self._check_gradient(candidate)
                 # The edge, once the candidate's header is read: its long side stands in for
                 # `size` (ComputeLosses runs no iterations, so no iteration limit applies).
                 checked = engine.validate(codec.losses_options(

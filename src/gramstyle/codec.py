@@ -53,6 +53,13 @@ from gramstyle.results import (
 )
 from gramstyle.v1 import gramstyle_pb2 as pb
 
+#: Longest side of a progress preview, pixels: a PNG of it is at most ~3.2 MB, inside
+#: gRPC's common default message limit of 4 MiB.
+PREVIEW_MAX_SIDE = 1024
+#: Default largest piece of a Stylize result image per stream message, bytes: a result
+#: image larger than this arrives as ResultChunk messages (:func:`result_messages`).
+RESULT_CHUNK_BYTES = 2**20
+
 _SPECS: dict[str, OptionSpec] = {name: spec for name, spec, _ in StyleOptions.specs()}
 _DEFAULTS: dict[str, Any] = {name: default for name, _, default in StyleOptions.specs()}
 #: The options each request takes.
@@ -438,10 +445,22 @@ def _decode(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def preview_image(image: Image.Image) -> Image.Image:
+    """``image`` downscaled (aspect kept) to at most :data:`PREVIEW_MAX_SIDE` pixels a side;
+    a smaller one as it is."""
+    if max(image.size) <= PREVIEW_MAX_SIDE:
+        return image
+    small = image.copy()
+    small.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.LANCZOS)
+    return small
+
+
 def progress_message(progress: Progress, fmt: str) -> pb.StylizeResponse:
+    """A Progress message; its preview (when the progress has an image) downscaled by
+    :func:`preview_image`, so that it stays a small message at any output size."""
     message = _copy_fields(progress, pb.Progress(losses=losses_message(progress.losses)))
     if progress.image is not None:
-        message.preview.CopyFrom(image_message(progress.image, fmt))
+        message.preview.CopyFrom(image_message(preview_image(progress.image), fmt))
     return pb.StylizeResponse(progress=message)
 
 
@@ -452,9 +471,79 @@ def progress_from(message: pb.Progress) -> Progress:
 
 
 def result_message(result: StylizeResult, fmt: str) -> pb.StylizeResponse:
+    """The whole result in one message (its image encoded in ``image.data``); see
+    :func:`result_messages` for the stream's form."""
     stats = _copy_fields(result, pb.Stats(losses=losses_message(result.losses)))
-    return pb.StylizeResponse(result=pb.Result(image=image_message(result.image, fmt),
-                                               stats=stats))
+    image = image_message(result.image, fmt)
+    return pb.StylizeResponse(result=pb.Result(image=image, stats=stats,
+                                               image_bytes=len(image.data)))
+
+
+def result_messages(result: StylizeResult, fmt: str,
+                    chunk_bytes: int = RESULT_CHUNK_BYTES) -> list[pb.StylizeResponse]:
+    """The end of a Stylize stream: one Result holding the image when its encoding is at
+    most ``chunk_bytes`` long, else ResultChunk messages of at most ``chunk_bytes`` bytes
+    each and then the Result with empty ``image.data`` (and ``image_bytes`` the total).
+    :class:`ResultAssembly` reads them back."""
+    if chunk_bytes < 1:
+        raise FieldError("chunk_bytes", f"must be >= 1, got {chunk_bytes}", chunk_bytes)
+    whole = result_message(result, fmt)
+    data = whole.result.image.data
+    if len(data) <= chunk_bytes:
+        return [whole]
+    chunks = [pb.StylizeResponse(result_chunk=pb.ResultChunk(
+        offset=start, data=data[start:start + chunk_bytes]))
+        for start in range(0, len(data), chunk_bytes)]
+    whole.result.image.ClearField("data")
+    return [*chunks, whole]
+
+
+class ResultAssembly:
+    """Reassembles the result of a Stylize stream from :func:`result_messages`' form.
+
+    Feed it the stream's ResultChunk messages (:meth:`add`) and then its Result
+    (:meth:`complete`), which returns the Result with the whole image in ``image.data``.
+    A broken stream -- a chunk whose offset is not the number of bytes received so far, a
+    total that is not ``image_bytes``, image data both chunked and inline -- raises
+    :class:`~gramstyle.errors.FieldError` (a ValueError) naming ``result_chunk`` or
+    ``result``: never a silently truncated image. Use a new one for each attempt of a call.
+    """
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self.chunks = 0
+
+    def add(self, chunk: pb.ResultChunk) -> None:
+        """Append one chunk (in stream order)."""
+        if chunk.offset != len(self._data):
+            raise FieldError("result_chunk", f"chunk {self.chunks + 1} starts at byte "
+                             f"{chunk.offset}, but {len(self._data)} bytes of the image "
+                             f"came before it: the result stream is broken", chunk.offset)
+        self._data += chunk.data
+        self.chunks += 1
+
+    def complete(self, result: pb.Result) -> pb.Result:
+        """``result`` with the image's bytes in ``image.data`` (the chunks', or its own)."""
+        if not self.chunks:
+            data = result.image.data
+            if result.image_bytes and result.image_bytes != len(data):
+                raise FieldError("result", f"the result image holds {len(data)} bytes, but "
+                                 f"image_bytes says {result.image_bytes}: the result stream "
+                                 f"is broken", result.image_bytes)
+            return result
+        if result.image.data:
+            raise FieldError("result", f"the result image came both in {self.chunks} chunks "
+                             f"and inline ({len(result.image.data)} bytes): the result "
+                             f"stream is broken")
+        if result.image_bytes != len(self._data):
+            raise FieldError("result", f"the result image came in {self.chunks} chunks of "
+                             f"{len(self._data)} bytes together, but image_bytes says "
+                             f"{result.image_bytes}: the result stream is broken",
+                             result.image_bytes)
+        whole = pb.Result()
+        whole.CopyFrom(result)
+        whole.image.data = bytes(self._data)
+        return whole
 
 
 def result_from(message: pb.Result) -> StylizeResult:
@@ -495,10 +584,11 @@ def server_info_from(message: pb.GetServerInfoResponse) -> ServerInfo:
 
 
 __all__ = [
-    "LOSS_OPTIONS", "STYLIZE_OPTIONS", "engine_images", "enum_number", "enum_value",
+    "LOSS_OPTIONS", "PREVIEW_MAX_SIDE", "RESULT_CHUNK_BYTES", "STYLIZE_OPTIONS",
+    "ResultAssembly", "engine_images", "enum_number", "enum_value",
     "format_name", "image_message", "loss_report_from", "loss_report_message",
     "losses_from", "losses_message", "losses_options", "losses_request", "option_values",
-    "output_format", "progress_from", "progress_message", "request_images", "result_from",
-    "result_message",
+    "output_format", "preview_image", "progress_from", "progress_message", "request_images",
+    "result_from", "result_message", "result_messages",
     "server_info_from", "server_info_message", "stylize_options", "stylize_request",
 ]

@@ -46,7 +46,7 @@ MODEL_DEFAULTS = {"arch": DEFAULT_ARCH, "weights": DEFAULT_WEIGHTS, "pooling": D
 DEFAULT_TARGET_CACHE_MB = 256
 
 #: Hard limits; the service may lower them.
-MAX_SIZE = 2048
+MAX_SIZE = 4096
 MAX_ITERATIONS = 10_000
 MAX_SCALES = 8
 #: Smallest long side of the coarsest scale.
@@ -345,8 +345,9 @@ class StyleOptions:
     seed: int = option(0, "int", "seed of the noise start image (64-bit); same seed and inputs "
                        "give the same output on one machine", low=-(2**63),
                        high=2**63 - 1, range_error="must be a 64-bit integer, got {value}")
-    size: int = option(512, "int", "output long side in pixels (16 to 2048); the short side must "
-                       "reach the deepest layer (16 px for relu5_1)", low=16, high="max_size",
+    size: int = option(512, "int", f"output long side in pixels (16 to {MAX_SIZE}); the short "
+                       "side must reach the deepest layer (16 px for relu5_1)", low=16,
+                       high="max_size",
                        unit="pixels")
     style_scale: float = option(
         1.0, "float", "style images are resized to long side size * style_scale",

@@ -55,7 +55,7 @@ def test_two_contents_two_styles_and_jpeg(tmp_path, images, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--iterations", "0"], "--iterations: must be between 1 and"),
-    (["--size", "5000"], "--size: must be an integer between 16 and 2048 pixels, got 5000"),
+    (["--size", "5000"], "--size: must be an integer between 16 and 4096 pixels, got 5000"),
     (["--style-layers", "relu1_1,relu9_1"], "--style-layers: unknown layer 'relu9_1'"),
     (["--content-layers", "nope"], "--content-layers: unknown layer 'nope'"),
     (["--style-weights", "1,1"], "--style-weights: expected 1 value(s)"),

@@ -35,5 +35,5 @@ def test_losses_tile_flag_gives_the_untiled_gradient(tmp_path, capsys):
 def test_losses_tile_flag_refuses_a_bad_value(tmp_path, capsys):
     noise(32, 32).save(tmp_path / "x.png")
     assert main(["losses", str(tmp_path / "x.png"), "--tile", "8"]) == 2
-    assert ("gramstyle: error: --tile: must be auto, off or an integer between 16 and 2048 "
+    assert ("gramstyle: error: --tile: must be auto, off or an integer between 16 and 4096 "
             "pixels, got 8") in capsys.readouterr().err

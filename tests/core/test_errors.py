@@ -146,7 +146,7 @@ def test_field_warning_names_its_field():
 
 BAD_OPTIONS = [
     ({"iterations": 0}, "iterations", "iterations: must be between 1 and 10000, got 0"),
-    ({"size": 5000}, "size", "size: must be an integer between 16 and 2048 pixels, got 5000"),
+    ({"size": 5000}, "size", "size: must be an integer between 16 and 4096 pixels, got 5000"),
     ({"optimizer": "sgd"}, "optimizer", "optimizer: must be one of lbfgs, adam, got 'sgd'"),
     ({"content_weight": -1}, "content_weight", "content_weight: must be a finite number >= 0"),
     ({"style_layer_weights": (1, 2)}, "style_layer_weights",

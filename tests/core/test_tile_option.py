@@ -24,13 +24,13 @@ def test_the_default_is_auto():
     assert "| `tile` | `--tile` | auto | Stylize, ComputeLosses |" in markdown_table()
 
 
-@pytest.mark.parametrize("tile", [0, 8, 15, 2049, -32, "big", "", "64", 32.0, True, None])
+@pytest.mark.parametrize("tile", [0, 8, 15, 4097, -32, "big", "", "64", 32.0, True, None])
 def test_bad_tiles_name_the_field_and_value(tile):
     with pytest.raises(FieldError) as error:
         StyleOptions(tile=tile).validated()
     assert error.value.field == "tile"
     assert str(error.value).startswith("tile: must be auto, off or an integer between 16 and "
-                                       "2048 pixels, got ")
+                                       "4096 pixels, got ")
     assert str(error.value).endswith(repr(tile))
 
 

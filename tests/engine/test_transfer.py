@@ -570,7 +570,7 @@ def test_losses_agree_across_kernel_backends(images):
 @pytest.mark.parametrize("kwargs, message", [
     ({"iterations": 0}, r"iterations: must be between 1 and \d+, got 0"),
     ({"iterations": -3}, r"iterations: .* got -3"),
-    ({"size": 100000}, r"size: must be an integer between 16 and 2048 pixels, got 100000"),
+    ({"size": 100000}, r"size: must be an integer between 16 and 4096 pixels, got 100000"),
     ({"style_weight": -1.0}, r"style_weight: must be a finite number >= 0, got -1.0"),
     ({"content_weight": float("nan")}, r"content_weight: .* got nan"),
     ({"tolerance": -0.1}, r"tolerance: must be a finite number >= 0, got -0.1"),

@@ -584,14 +584,14 @@ def test_candidate_size_is_checked_from_its_header(server, stub, monkeypatch, sm
         return real(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    candidate = encode(Image.new("RGB", (4096, 4096)))
+    candidate = encode(Image.new("RGB", (4200, 2000)))
     with pytest.raises(grpc.RpcError) as info:
         stub.ComputeLosses(pb.ComputeLossesRequest(candidate=candidate, style_weight=0,
                                                    content=[pb.WeightedImage(data=small)]),
                            timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details() == "candidate: long side 4096 px is over the limit of 2048 px"
-    assert (4096, 4096) not in decoded
+    assert info.value.details() == "candidate: long side 4200 px is over the limit of 4096 px"
+    assert (4200, 2000) not in decoded
 
 
 # ------------------------------------------------------------ 10. busy port, serve flags

@@ -269,7 +269,7 @@ def test_health_reflection_and_info(channel, stub, server):
     assert info.version
     assert info.limits.workers == 1 and info.limits.queue_size == 1
     assert info.limits.max_message_bytes == 64 * 2**20
-    assert info.limits.max_size == 2048 and info.limits.max_iterations == 10_000
+    assert info.limits.max_size == 4096 and info.limits.max_iterations == 10_000
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -319,9 +319,9 @@ BAD_STYLIZE = [
     ("too many iterations", dict(iterations=10_001),
      "INVALID_ARGUMENT", "iterations: must be between 1 and 10000, got 10001"),
     ("size too small", dict(size=8),
-     "INVALID_ARGUMENT", "size: must be an integer between 16 and 2048 pixels, got 8"),
-    ("size too big", dict(size=4096),
-     "INVALID_ARGUMENT", "size: must be an integer between 16 and 2048 pixels, got 4096"),
+     "INVALID_ARGUMENT", "size: must be an integer between 16 and 4096 pixels, got 8"),
+    ("size too big", dict(size=4097),
+     "INVALID_ARGUMENT", "size: must be an integer between 16 and 4096 pixels, got 4097"),
     ("too small for relu5_1", dict(size=20),
      "INVALID_ARGUMENT", "size: the image would be 20x13 px, too small for layer relu5_1"),
     ("duplicate layer", dict(content_layers=pb.LayerSet(layers=[
@@ -371,8 +371,8 @@ BAD_LOSSES = [
      "INVALID_ARGUMENT", "content_layers: unknown layer '99'"),
     ("weights not loaded", dict(weights="vgg19.pth"), "FAILED_PRECONDITION",
      "weights: model */vgg19.pth is not loaded"),
-    ("candidate over max_size", dict(candidate=png(Image.new("RGB", (2100, 16)))),
-     "INVALID_ARGUMENT", "candidate: long side 2100 px is over the limit of 2048 px"),
+    ("candidate over max_size", dict(candidate=png(Image.new("RGB", (4200, 16)))),
+     "INVALID_ARGUMENT", "candidate: long side 4200 px is over the limit of 4096 px"),
 ]
 
 
