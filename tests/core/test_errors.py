@@ -157,7 +157,7 @@ BAD_OPTIONS = [
      "style_blend_weights[1]: must be a finite number >= 0, got -2.0"),
     ({"content_layers": (), "style_layers": ()}, "content_layers/style_layers",
      "content_layers/style_layers: at least one layer is needed"),
-    ({"style_scale": 8.0}, "style_scale", "style_scale: must be > 0 and keep size*style_scale"),
+    ({"style_scale": 16.0}, "style_scale", "style_scale: must be > 0 and keep size*style_scale"),
     ({"scales": 5, "size": 64}, "scales", "scales: 5 scales from size 64 would start below"),
     ({"iterations": 5000, "scales": 3}, "iterations",
      "iterations: iterations*scales must be at most 10000, got 5000*3"),
