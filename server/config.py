@@ -337,12 +337,14 @@ class ServeConfig:
         "resolve again and find new replicas; calls in flight on it go on",
         low=0.01, high=_MAX_SECONDS)
 
-    #: A Stylize result image longer than this (encoded, bytes) is sent as ResultChunk
-    #: messages of at most this size (at most a quarter of the message limit).
-    result_chunk_bytes: int = _setting(
-        RESULT_CHUNK_BYTES, None,
-        "the largest piece of a result image per Stylize stream message, bytes",
-        low=1, high=MAX_MESSAGE_MB * 2**20)
+    #: A Stylize result image longer than this (encoded, KiB) is sent as ResultChunk
+    #: messages of at most this size (and at most a quarter of the message limit).
+    result_chunk_kb: int = _setting(
+        RESULT_CHUNK_BYTES // 2**10, "--result-chunk-kb",
+        "a Stylize result image longer than this, encoded, is sent in pieces of at most this "
+        "size (and a quarter of --max-message-mb) before its Result, so that no message "
+        "nears a client's limit (docs/service.md)", parse=int, low=1,
+        high=MAX_MESSAGE_MB * 2**10 // 4, metavar="KIB")
 
     # -------------------------------------------------------------- security
     #: TLS: the certificate chain and key (PEM paths); with ``tls_client_ca``, mutual TLS.
@@ -379,6 +381,11 @@ class ServeConfig:
     def max_message_bytes(self) -> int:
         """The send/receive message limit in bytes."""
         return self.max_message_mb * 2**20
+
+    @property
+    def result_chunk_bytes(self) -> int:
+        """The largest piece of a result image per Stylize stream message, bytes."""
+        return self.result_chunk_kb * 2**10
 
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:

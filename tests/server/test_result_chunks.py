@@ -25,8 +25,8 @@ from gramstyle.v1 import gramstyle_pb2 as pb
 from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 #: Small chunks, so that a 64 px result is cut into several; HTTP on a free port.
-CHUNK = 1000
-SERVER_SETTINGS = {"result_chunk_bytes": CHUNK, "http_port": 0}
+CHUNK = 1024
+SERVER_SETTINGS = {"result_chunk_kb": CHUNK // 1024, "http_port": 0}
 #: Framing of a ResultChunk message besides its data: the oneof tag and length, the offset.
 CHUNK_FRAMING = 32
 REQUEST = {"size": 64, "iterations": 2, "seed": 7, "precision": "fp32"}
