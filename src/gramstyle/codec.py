@@ -470,13 +470,20 @@ def progress_from(message: pb.Progress) -> Progress:
                     else None)
 
 
+def _result_response(result: StylizeResult, fmt: str, data: bytes, image_bytes: int
+                     ) -> pb.StylizeResponse:
+    stats = _copy_fields(result, pb.Stats(losses=losses_message(result.losses)))
+    image = pb.Image(data=data, width=result.image.width, height=result.image.height,
+                     format=enum_number(pb.ImageFormat, "output_format", fmt))
+    return pb.StylizeResponse(result=pb.Result(image=image, stats=stats,
+                                               image_bytes=image_bytes))
+
+
 def result_message(result: StylizeResult, fmt: str) -> pb.StylizeResponse:
     """The whole result in one message (its image encoded in ``image.data``); see
     :func:`result_messages` for the stream's form."""
-    stats = _copy_fields(result, pb.Stats(losses=losses_message(result.losses)))
-    image = image_message(result.image, fmt)
-    return pb.StylizeResponse(result=pb.Result(image=image, stats=stats,
-                                               image_bytes=len(image.data)))
+    data = encode_image(result.image, fmt)
+    return _result_response(result, fmt, data, len(data))
 
 
 def result_messages(result: StylizeResult, fmt: str,
@@ -487,15 +494,13 @@ def result_messages(result: StylizeResult, fmt: str,
     :class:`ResultAssembly` reads them back."""
     if chunk_bytes < 1:
         raise FieldError("chunk_bytes", f"must be >= 1, got {chunk_bytes}", chunk_bytes)
-    whole = result_message(result, fmt)
-    data = whole.result.image.data
+    data = encode_image(result.image, fmt)
     if len(data) <= chunk_bytes:
-        return [whole]
+        return [_result_response(result, fmt, data, len(data))]
     chunks = [pb.StylizeResponse(result_chunk=pb.ResultChunk(
         offset=start, data=data[start:start + chunk_bytes]))
         for start in range(0, len(data), chunk_bytes)]
-    whole.result.image.ClearField("data")
-    return [*chunks, whole]
+    return [*chunks, _result_response(result, fmt, b"", len(data))]
 
 
 class ResultAssembly:
