@@ -195,6 +195,8 @@ def test_a_gradient_over_the_message_limit_is_refused_before_the_work(random_eng
     """A 1 MiB message limit: a 320x280 candidate's gradient is 1.03 MiB of float32."""
     engine = spy(random_engine)
     srv = build_server([random_engine], max_message_mb=1).start()
+    # The default 1 MiB chunks are cut to a quarter of the 1 MiB message limit.
+    assert srv.service.result_chunk_bytes == 2**18
     style = encode(noise(32, 32, 2))
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=60, retries=0) as client:
