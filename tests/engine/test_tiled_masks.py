@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import shrink
 from PIL import Image
 
 from gramstyle.engine import StyleTransfer, tiles
@@ -125,3 +126,17 @@ def test_tiled_masked_matches_untiled_on_real_weights(hed_engine, images):
     x = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
     assert_match(loss_and_gradient(objective, x), loss_and_gradient(objective, x, 32),
                  grad_rtol=1e-3)
+
+
+def test_stylize_in_process_with_tile_and_masks(random_engine, images):
+    """An end-to-end tiled Stylize with region masks (one style skipped) and a source mask:
+    the image has the output's size."""
+    m = ramp(64, 43)  # the output's size: the content's aspect ratio at long side 64
+    style = shrink(images["scream"])
+    result = random_engine.stylize(
+        shrink(images["cat"]), [shrink(images["starry"]), style],
+        options=StyleOptions(size=64, iterations=2, tile=32, precision="fp32"),
+        style_mask=[grey(m), None],
+        style_source_mask=[None, grey(ramp(style.width, style.height))])
+    assert result.image.size == (64, 43)
+    assert result.iterations == 2
