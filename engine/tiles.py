@@ -28,6 +28,10 @@ pooling window of the tile is a pooling window of the whole image, and a tile's 
 falls only where the image's does or outside what its interior reads. For VGG16/19 up to
 relu5_1: r = 132, P = r - J - P = 58, S = 16, so the halo is 64 px.
 
+Region and source masks (guided Grams) tile the same way: each tile takes the whole image's
+mask at the layer's resolution cropped to its interior, with the whole image's normaliser
+(the "masks" section below; docs/tiling.md).
+
 Pixels are [1, 3, H, W] RGB in [0, 1]; sizes are in pixels.
 """
 

@@ -71,6 +71,24 @@ def test_tiled_stylize_with_masks_makes_the_untiled_image(stub, pictures, spy, r
     assert tiled.stats.losses.style == pytest.approx(untiled.stats.losses.style, rel=1e-3)
 
 
+def test_tiled_compute_losses_with_masks_is_the_untiled_one(stub, pictures):
+    """ComputeLosses with tile 32 (4 tiles), masks and the gradient: the untiled answer."""
+    p = pictures
+
+    def losses(tile):
+        request = codec.losses_request(p["content"], [p["content"]], [p["a"], p["b"]],
+                                       style_mask=[p["left"], None],
+                                       style_source_mask=[None, p["left"]],
+                                       precision="fp32", tile=tile, gradient=True)
+        return codec.loss_report_from(stub.ComputeLosses(request, timeout=120))
+    tiled, untiled = losses(32), losses("off")
+    assert tiled.losses.total == pytest.approx(untiled.losses.total, rel=1e-5)
+    assert tiled.losses.style_layers == pytest.approx(untiled.losses.style_layers, rel=1e-5)
+    error = np.linalg.norm(tiled.gradient - untiled.gradient) / np.linalg.norm(
+        untiled.gradient)
+    assert error < 1e-4
+
+
 def test_an_empty_entry_is_a_style_without_a_mask(stub, pictures, spy, random_engine):
     spied = spy(random_engine)
     p = pictures
