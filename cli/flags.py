@@ -15,7 +15,7 @@ from typing import Any
 
 from gramstyle.errors import FieldError, GramstyleError
 from gramstyle.images import load_image
-from gramstyle.inputs import INPUTS, check_order, inputs_of
+from gramstyle.inputs import INPUTS, SKIP, check_order, inputs_of
 from gramstyle.options import (
     ARCHS,
     DEFAULT_ARCH,
@@ -114,6 +114,12 @@ def _tile(text: str) -> str | int:
                                          "pixels") from None
 
 
+def _skippable_path(text: str) -> str | None:
+    """A file of a skippable input (a per-style mask), or None for :data:`SKIP` ('-': this
+    style has none); a file named '-' is given as './-'."""
+    return None if text == SKIP else text
+
+
 def _argparse_kwargs(spec: OptionSpec, default: Any) -> dict[str, Any]:
     """How argparse reads one option, from its declared kind."""
     shown = ",".join(default) if isinstance(default, tuple) else default
@@ -148,7 +154,8 @@ def add_option_flags(parser: argparse.ArgumentParser, scope: str,
                                 **({"nargs": "*"} if entry.repeated else {}))
         elif entry.repeated:
             images.add_argument(entry.flag, dest=entry.name, action="append", default=[],
-                                metavar=entry.metavar, help=entry.help)
+                                metavar=entry.metavar, help=entry.help,
+                                **({"type": _skippable_path} if entry.skippable else {}))
         else:
             images.add_argument(entry.flag, dest=entry.name, metavar=entry.metavar,
                                 help=entry.help)
@@ -185,21 +192,24 @@ def check_image_files(args: argparse.Namespace, scope: str) -> dict[str, list[tu
     """Decode every image file given once (the candidate first), so a bad one fails before a
     model loads or a server is called, then check that a paired input (a per-style mask)
     has one file per file of its pair (or none); return each input's (width, height) sizes as
-    decoded. The paths (not the decoded images) are passed on afterwards, so that a server
-    receives the original bytes."""
-    sizes: dict[str, list[tuple[int, int]]] = {}
+    decoded (None for a skipped entry, ``--style-mask -``). The paths (not the decoded
+    images) are passed on afterwards, so that a server receives the original bytes."""
+    sizes: dict[str, list[tuple[int, int] | None]] = {}
     for entry in check_order(COMMAND_RPC[scope]):
         given = getattr(args, entry.name)
         paths = given if entry.repeated else [] if given is None else [given]
-        sizes[entry.name] = [load_image(path, entry.error_field(i), max_pixels=None).size
+        sizes[entry.name] = [None if path is None else
+                             load_image(path, entry.error_field(i), max_pixels=None).size
                              for i, path in enumerate(paths)]
     for entry in check_order(COMMAND_RPC[scope]):
         given, pair = sizes[entry.name], sizes.get(entry.paired_with or "")
         if given and pair is not None and len(given) != len(pair):
             # A paired input (a per-style mask): one file per file of its pair, or none.
+            skip = (f"; give '{SKIP}' for a {flag_for(entry.paired_with)} without one"
+                    if entry.skippable else "")
             raise FieldError(entry.name, f"expected {len(pair)} file(s), one per "
                              f"{flag_for(entry.paired_with)}, in the same order; got "
-                             f"{len(given)}", len(given))
+                             f"{len(given)}{skip}", len(given))
     return sizes
 
 

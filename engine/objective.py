@@ -299,9 +299,6 @@ class Objective:
                     mask_tensor(mask, size, device, f"{REGION_FIELD}[{j}]", "the output"),
                     extractor, style_layers)
         tile = tile_pixels(options.tile)
-        if tile and any(r is not None for r in region):
-            raise FieldError("tile", f"got {options.tile}, but tiling does not support style "
-                             "region masks yet; set tile to off", options.tile)
         for j, mask in enumerate(style_source_masks if style_layers else ()):
             if mask is not None:
                 tick(mask.width * mask.height * 4e-8)
@@ -365,10 +362,10 @@ class Objective:
                                    lambda f: {n: gram_target(v) for n, v in f.items()},
                                    tiles.grams)
                 weights = source[j]
-                # A source mask's guided Grams run on the whole style image (not tiled).
                 return targets("style", j, style_layers,
                                lambda f: {n: gram_target(v, weights[n]) for n, v in f.items()},
-                               None, extra=(image_digest(style_source_masks[j]),))
+                               lambda *run: tiles.grams(*run, weights=weights),
+                               extra=(image_digest(style_source_masks[j]),))
 
             grams = [style_grams(j) for j in range(len(styles))]
             if not any(r is not None for r in region):

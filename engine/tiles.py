@@ -28,6 +28,10 @@ pooling window of the tile is a pooling window of the whole image, and a tile's 
 falls only where the image's does or outside what its interior reads. For VGG16/19 up to
 relu5_1: r = 132, P = r - J - P = 58, S = 16, so the halo is 64 px.
 
+Region and source masks (guided Grams) tile the same way: each tile takes the whole image's
+mask at the layer's resolution cropped to its interior, with the whole image's normaliser
+(the "masks" section below; docs/tiling.md).
+
 Pixels are [1, 3, H, W] RGB in [0, 1]; sizes are in pixels.
 """
 
@@ -42,6 +46,7 @@ from torch import nn
 
 from gramstyle import kernels
 from gramstyle.engine.extractor import VGGFeatures
+from gramstyle.engine.losses import RegionStyleLoss, StyleLoss
 from gramstyle.engine.objective import LossTerms, Objective, autocast
 
 
@@ -202,16 +207,21 @@ def feature_maps(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str],
 
 
 def grams(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[str], tile: int,
-          precision: str = "fp32", check: Callable[[float], None] | None = None
-          ) -> dict[str, torch.Tensor]:
+          precision: str = "fp32", check: Callable[[float], None] | None = None,
+          weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The float32 [C, C] Gram of each layer (:func:`gramstyle.engine.losses.gram_target`
-    of the whole image), summed over tiles."""
+    of the whole image), summed over tiles. ``weights``: a source mask at each layer
+    ([1, N_l] over the whole image, :func:`gramstyle.engine.masks.layer_weights`), for the
+    guided Grams."""
+    guides = {n: _guide(weights[n], extractor, n, x) for n in layers} if weights else {}
+    jumps = receptive_field(extractor, layers).jumps
     out: dict[str, torch.Tensor] = {}
-    for _, _, crops in interiors(extractor, x, layers, tile, precision, check):
-        for name, (f, _, _) in crops.items():
+    for t, _, crops in interiors(extractor, x, layers, tile, precision, check):
+        for name, (f, r, c) in crops.items():
             if not f.numel():  # a last interior under one stride of this layer
                 continue
-            part = _gram(f, _positions(extractor, name, x))
+            part = _gram(f, _positions(extractor, name, x),
+                         _interior(guides.get(name), t, f, r, c, jumps[name]))
             out[name] = part if name not in out else out[name] + part
         crops = f = None  # this tile's maps go before the next tile runs
     return out
@@ -223,11 +233,65 @@ def _positions(extractor: VGGFeatures, layer: str, x: torch.Tensor) -> int:
     return (x.shape[2] // jump) * (x.shape[3] // jump)
 
 
-def _gram(features: torch.Tensor, positions: int) -> torch.Tensor:
+def _gram(features: torch.Tensor, positions: int, guide: torch.Tensor | None = None
+          ) -> torch.Tensor:
     """This tile's share of the whole image's Gram, [C, C] float32: scale 1 / (C N) with N
-    the whole image's positions (the normalisation of :func:`gramstyle.kernels.gram`)."""
+    the whole image's positions (the normalisation of :func:`gramstyle.kernels.gram`); with
+    ``guide`` (:func:`_interior` of a :func:`_guide`: [1, n] for the interior's n positions)
+    the share of the guided Gram F diag(m^2) F^T / (C sum m^2), whose normaliser over the
+    whole image the guide carries already."""
     with torch.autocast(features.device.type, enabled=False):
-        return kernels.gram(features.float(), 1.0 / (features.shape[1] * positions))[0]
+        if guide is None:
+            return kernels.gram(features.float(), 1.0 / (features.shape[1] * positions))[0]
+        return kernels.gram(features.float(), 1.0 / features.shape[1], weights=guide)[0]
+
+
+# ---------------------------------------------------------------------------- masks
+# Region and source masks (guided Grams, gramstyle.engine.masks) tile exactly: the guided
+# Gram sum_k m_k^2 F_k F_k^T / (C sum_k m_k^2) is a sum over positions too. Each tile takes
+# the whole image's mask at the layer's resolution, cropped to its interior; the normaliser
+# sum_k m_k^2 is the whole image's, folded into the mask once (m / sqrt(sum m^2)).
+
+
+def _style_terms(loss: StyleLoss | RegionStyleLoss) -> list[tuple[float, StyleLoss]]:
+    """The (share, :class:`StyleLoss`) terms of one layer's style loss: a plain one is one
+    term of share 1; with region masks, one per group (see RegionStyleLoss)."""
+    return loss.terms if isinstance(loss, RegionStyleLoss) else [(1.0, loss)]
+
+
+def _guide(weights: torch.Tensor | None, extractor: VGGFeatures, layer: str,
+           x: torch.Tensor) -> torch.Tensor | None:
+    """A mask's weights at ``layer`` ([1, N_l] over the whole image x) as the map
+    [H_l, W_l] float32, divided by sqrt(sum m^2) (the whole image's normaliser; a zero mask
+    stays zero, as in :func:`gramstyle.kernels.gram`); None for no mask."""
+    if weights is None:
+        return None
+    jump = receptive_field(extractor, [layer]).jumps[layer]
+    rows, cols = x.shape[2] // jump, x.shape[3] // jump
+    if weights.numel() != rows * cols:  # masks.layer_weights pools as the network does
+        raise RuntimeError(f"tiles: a mask at {layer} has {weights.numel()} positions, the "
+                           f"feature map {rows}x{cols}")
+    w = weights.detach().float().reshape(rows, cols)
+    return w * w.square().sum().clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
+
+
+def _interior(guide: torch.Tensor | None, tile: Tile, features: torch.Tensor, row: int,
+              col: int, jump: int) -> torch.Tensor | None:
+    """The crop of a :func:`_guide` under a tile's interior features ([1, C, h, w] at a
+    layer of total stride ``jump``; first row and column ``row``, ``col`` of the whole map,
+    :meth:`Tile.crop`), as [1, h * w]. Checks the alignment the crop relies on: the
+    interior starts on a position of this layer (its offsets are multiples of the layer's
+    stride) and the crop has the features' shape."""
+    if guide is None:
+        return None
+    h, w = features.shape[2:]
+    crop = guide[row:row + h, col:col + w]
+    if (tile.y0 % jump or tile.x0 % jump or row * jump != tile.y0 or col * jump != tile.x0
+            or tuple(crop.shape) != (h, w)):
+        raise RuntimeError(f"tiles: the interior of {tile} is not aligned with the mask "
+                           f"map {tuple(guide.shape)} of stride {jump} (crop "
+                           f"{tuple(crop.shape)}, features {h}x{w})")
+    return crop.reshape(1, h * w)
 
 
 class _WithGradient(torch.autograd.Function):
@@ -255,29 +319,39 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     style = objective.style.losses if objective.style else {}
     layers = [*content, *style]
     check = objective.check
+    # Each style layer's terms (one, or one per region group) and their region masks.
+    guides = _region_guides(objective, x)
+    jumps = receptive_field(ex, layers).jumps
     # Pass 1: the Grams, and the content and TV sums, without autograd.
-    gram_sums: dict[str, torch.Tensor] = {}
+    gram_sums: dict[str, list[torch.Tensor]] = {}
     squares = {n: torch.zeros((), device=x.device) for n in content}
     dy = dx = torch.zeros((), device=x.device)
     for t, pixels, crops in interiors(ex, x.detach(), layers, tile, objective.precision,
                                       check):
         for name in style:
-            f = crops[name][0]
+            f, r, c = crops[name]
             if not f.numel():  # a last interior under one stride of this layer
                 continue
-            part = _gram(f, _positions(ex, name, x))
-            gram_sums[name] = part if name not in gram_sums else gram_sums[name] + part
+            parts = [_gram(f, _positions(ex, name, x), _interior(g, t, f, r, c, jumps[name]))
+                     for g in guides[name]]
+            gram_sums[name] = parts if name not in gram_sums else [
+                a + b for a, b in zip(gram_sums[name], parts, strict=True)]
         for name in content:
             f, r, c = crops[name]
             target = content[name].target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
             squares[name] = squares[name] + (f.float() - target).pow(2).sum()
         a, b = _tv_sums(pixels.float(), t, height, width)
         dy, dx = dy + a, dx + b
-        crops = f = target = None  # this tile's maps go before the next tile runs
+        crops = f = target = parts = None  # this tile's maps go before the next tile runs
     content_layers = {n: loss.target.loss(squares[n] / loss.target.mean.numel())
                       for n, loss in content.items()}
-    residuals = {n: gram_sums[n] - loss.target.mean for n, loss in style.items()}
-    style_layers = {n: loss.target.loss(residuals[n].pow(2).mean())
+    # Per style layer, one residual per term (RegionStyleLoss: sum of share * loss).
+    residuals = {n: [g - term.target.mean
+                     for g, (_, term) in zip(gram_sums[n], _style_terms(loss), strict=True)]
+                 for n, loss in style.items()}
+    style_layers = {n: _region_sum([share * term.target.loss(res.pow(2).mean())
+                                    for res, (share, term) in zip(
+                                        residuals[n], _style_terms(loss), strict=True)])
                     for n, loss in style.items()}
     zero = torch.zeros((), device=x.device)
     content_total = objective.content.weighted(content_layers) if content else zero
@@ -288,29 +362,37 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     terms = LossTerms(total, content_total, style_total, tv, content_layers, style_layers)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return total, terms
-    grad = _gradient(objective, x, tile, residuals)
+    grad = _gradient(objective, x, tile, residuals, guides)
     total = _WithGradient.apply(x, total, grad)
     terms.total = total
     return total, terms
 
 
 def _gradient(objective: Objective, x: torch.Tensor, tile: int,
-              residuals: dict[str, torch.Tensor]) -> torch.Tensor:
+              residuals: dict[str, list[torch.Tensor]],
+              guides: dict[str, list[torch.Tensor | None]]) -> torch.Tensor:
     """Pass 2: d total / d x ([1, 3, H, W] float32), tile by tile, with the style residuals
-    of the whole image fixed."""
+    of the whole image fixed (per layer one per term, with its region mask's
+    :func:`_guide` or None)."""
     ex, height, width = objective.extractor, x.shape[2], x.shape[3]
     content = objective.content.losses if objective.content else {}
     style = objective.style.losses if objective.style else {}
     layers = [*content, *style]
     field = receptive_field(ex, layers)
     # d total / dF at a layer is coef * (R + R^T) F: the weights, the blend's scale and the
-    # style_loss backward's 2 s / C^2 (s = 1 / (C N)).
-    directions = {}
+    # style_loss backward's 2 s / C^2 (s = 1 / (C N)); summed over the layer's terms, a
+    # region mask's term times its guide squared per position (s = 1 / C, the whole
+    # image's 1 / sum m^2 being in the guide: G = F diag(guide^2) F^T / C).
+    directions: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
     for name, loss in style.items():
-        c = residuals[name].shape[0]
-        coef = (objective.style_weight * objective.style.layer_weights[name] * loss.target.scale
-                * 2 / (c * _positions(ex, name, x)) / c**2)
-        directions[name] = coef * (residuals[name] + residuals[name].T)
+        directions[name] = []
+        for res, guide, (share, term) in zip(residuals[name], guides[name],
+                                             _style_terms(loss), strict=True):
+            c = res.shape[0]
+            positions = _positions(ex, name, x) if guide is None else 1
+            coef = (objective.style_weight * objective.style.layer_weights[name] * share
+                    * term.target.scale * 2 / (c * positions) / c**2)
+            directions[name].append((coef * (res + res.T), guide))
     content_coef = {n: objective.content_weight * objective.content.layer_weights[n]
                     * loss.target.scale / loss.target.mean.numel() for n, loss in content.items()}
     tv_dy = objective.tv_weight / (3 * (height - 1) * width) if height > 1 else 0.0
@@ -330,9 +412,10 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
                 target = loss.target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
                 parts.append(content_coef[name] * (f.float() - target).pow(2).sum())
             for name in style:
-                f = t.crop(feats[name], field.jumps[name])[0].float().flatten(2)
+                f, r, c = t.crop(feats[name], field.jumps[name])
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    direction = directions[name] @ f[0]
+                    direction = _direction(directions[name], f, t, r, c, field.jumps[name])
+                f = f.float().flatten(2)
                 parts.append((f[0] * direction).sum())
             a, b = _tv_sums(pixels, t, height, width)
             parts.append(tv_dy * a + tv_dx * b)
@@ -341,6 +424,39 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
         # This tile's maps and graph go before the next tile runs.
         feats = parts = part = f = target = direction = None
     return grad
+
+
+def _region_guides(objective: Objective, x: torch.Tensor
+                   ) -> dict[str, list[torch.Tensor | None]]:
+    """Per style layer, the :func:`_guide` of each of its terms' region masks (None for a
+    term without one), in :func:`_style_terms` order."""
+    style = objective.style.losses if objective.style else {}
+    return {name: [_guide(term.weights, objective.extractor, name, x)
+                   for _, term in _style_terms(loss)] for name, loss in style.items()}
+
+
+def _region_sum(values: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of a layer's terms (as RegionStyleLoss adds them)."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def _direction(terms: list[tuple[torch.Tensor, torch.Tensor | None]], features: torch.Tensor,
+               tile: Tile, row: int, col: int, jump: int) -> torch.Tensor:
+    """d total / dF of a tile's interior features ([1, C, h, w] -> [C, h * w] float32):
+    sum over the layer's terms of D F, times the term's guide squared per position when it
+    has a region mask (``terms``: (D, guide) pairs; see :func:`_gradient`)."""
+    f = features.float().flatten(2)[0]
+    out = None
+    for matrix, guide in terms:
+        part = matrix @ f
+        crop = _interior(guide, tile, features, row, col, jump)
+        if crop is not None:
+            part = part * crop.square()
+        out = part if out is None else out + part
+    return out
 
 
 __all__ = ["Field", "Tile", "evaluate_terms", "feature_maps", "grams", "interiors", "plan",

@@ -47,6 +47,7 @@ from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.tensors import to_tensor
 from gramstyle.errors import FieldError
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from gramstyle.inputs import input_named, skipped
 from gramstyle.options import (
     DEFAULT_ARCH,
     DEFAULT_DEVICE,
@@ -89,15 +90,17 @@ def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_p
 
 def _load_masks(sources: Sequence[ImageSource | None] | None, field: str, max_pixels: int,
                 check: Callable[[float], None] | None = None) -> list[Image.Image | None]:
-    """Decode optional masks, one per style (None: no mask for that style); errors name
-    ``field[i]``. None or an empty sequence: no masks at all."""
+    """Decode optional masks, one per style (None, or empty bytes as on the wire: no mask
+    for that style); errors name ``field[i]``. None or an empty sequence: no masks at all."""
     if sources is None:
         return []
     if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
             sources, "__fspath__"):
         raise FieldError(field, f"give a sequence with one mask per style image (None for "
                          f"a style without one), not a single {type(sources).__name__}")
-    return [None if s is None else load_image(s, f"{field}[{i}]", max_pixels, check=check)
+    entry = input_named(field)
+    return [None if skipped(entry, s) else load_image(s, f"{field}[{i}]", max_pixels,
+                                                       check=check)
             for i, s in enumerate(sources)]
 
 
@@ -241,7 +244,8 @@ class StyleTransfer:
                 inside it (decoding, resizing, target features, network passes); when it
                 returns True the run stops within a fraction of a second and
                 :class:`Cancelled` is raised (its ``iterations`` says how many ran).
-            style_mask: one region mask per style image (None for a style without one):
+            style_mask: one region mask per style image (None, or empty bytes, for a style
+                without one):
                 greyscale, white where that style applies on the output, black where not
                 (guided Gram matrices; :mod:`gramstyle.engine.masks`). Resized to the
                 output, so it must have the output's aspect ratio. A style without a region

@@ -10,8 +10,9 @@ gRPC ones. One contract: bodies are the proto messages in protobuf's canonical J
 Routes (``ROUTES``):
 
 - ``POST /v1/stylize``: a StylizeRequest as JSON, or as ``multipart/form-data`` (files
-  ``content``, ``style``, ``style_mask``, ``style_source_mask`` (each may repeat),
-  ``init_image``; every other field by its proto or JSON name, as
+  ``content``, ``style``, ``style_mask``, ``style_source_mask`` (each may repeat; an empty
+  mask file: no mask for that style), ``init_image``; every other field by its proto or
+  JSON name, as
   text). Answers ``text/event-stream``: one event per StylizeResponse, named after its kind
   (``progress``, then one ``result``, which always holds the whole image: a result the
   servicer cuts into ResultChunk messages for gRPC is reassembled here), its data the
@@ -688,8 +689,11 @@ class HttpFront:
         name = message.DESCRIPTOR.full_name
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                # One file over the image limit, so that the service says what is over it;
+                # plus the empty parts that skip a style's mask (no images: at most two per
+                # style, the styles being at most max_images).
                 form = await asyncio.wait_for(
-                    _awaited(charged.form(max_files=self.service.max_images + 1,
+                    _awaited(charged.form(max_files=3 * self.service.max_images + 1,
                                           max_fields=200)), self.body_timeout_s)
                 try:
                     await _message_from_form(form, message)

@@ -33,7 +33,9 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
 - **tiles** (``tile`` a side in pixels, :mod:`gramstyle.engine.tiles`): every network pass is
   sized for the largest tile (interior plus halo) instead of the image, and the tiled
   objective adds three image-sized float32 vectors (its gradient); the image-sized parts
-  (images, content targets at the output size, the optimiser's history) stay as they are;
+  (images, content targets at the output size, the optimiser's history) stay as they are,
+  and the masks at the style layers' resolutions are counted with the targets (each region
+  mask's maps twice: the loss's and the tiled objective's normalised copy);
 - **output**: the output image, its encoding and the response message (and for
   ComputeLosses the float32 gradient and its copies).
 
@@ -291,6 +293,8 @@ def _targets(extractor: nn.Module, options: StyleOptions,
     style_sizes = [resized_size(input_named("style"), s, (width, height), options.style_scale)
                    for s in styles]
     kept, transients = _resized_inputs(images, width, height, options.style_scale)
+    if tile_pixels(options.tile) and style_layers:
+        kept += _tiled_masks(extractor, options, images, width, height)
     transients.append(0)
     if content_layers:
         features = _captured(extractor, content_layers, width, height, element)
@@ -307,6 +311,32 @@ def _targets(extractor: nn.Module, options: StyleOptions,
                               _captured(extractor, style_layers, pw, ph, element)
                               + largest * _gram_factor(element)))
     return kept, max(transients)
+
+
+def _mask_maps(extractor: nn.Module, layers: Sequence[str], width: int, height: int) -> int:
+    """Bytes of one mask at the resolution of each of ``layers`` for a width x height image
+    (float32 [1, N_l] each, :func:`gramstyle.engine.masks.layer_weights`)."""
+    rows, wanted = _upto(extractor, layers)
+    return sum(4 * max(1, width // r.stride) * max(1, height // r.stride)
+               for r in rows if r.name in wanted)
+
+
+def _tiled_masks(extractor: nn.Module, options: StyleOptions,
+                 images: Mapping[str, Sequence[ImageHeader]], width: int, height: int) -> int:
+    """Bytes of the masks at the style layers' resolutions in a tiled run: image-sized
+    buffers that no tile bounds. Each region mask's maps (kept by the loss for the run) and
+    the tiled objective's normalised copy of them (:mod:`gramstyle.engine.tiles`, made at
+    each evaluation), at the output size; each source mask's maps at its style's size
+    (held while the targets are built). Untiled, the same maps are small next to the
+    activations, which :data:`MARGIN` covers."""
+    layers = list(options.style_layers)
+    regions = len(images.get("style_mask", ()))
+    total = 2 * regions * _mask_maps(extractor, layers, width, height)
+    entry = input_named("style_source_mask")
+    for header in images.get("style_source_mask", ()):
+        total += _mask_maps(extractor, layers, *resized_size(
+            entry, header, (width, height), options.style_scale))
+    return total
 
 
 def _element(options: StyleOptions) -> int:

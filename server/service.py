@@ -51,7 +51,7 @@ from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.errors import FieldError, ModelNotLoaded, QueueFull, ShuttingDown
 from gramstyle.images import ImageHeader, probe_image
-from gramstyle.inputs import check_order, input_named
+from gramstyle.inputs import check_order, input_named, skipped
 from gramstyle.options import MAX_ITERATIONS, StyleOptions, default_within, preview
 from gramstyle.results import ModelInfo, ServerInfo
 from gramstyle.server import memory
@@ -195,8 +195,9 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     def _count(self, images: dict[str, list[bytes]]) -> None:
         """Refuse more than ``max_images`` images (of the inputs declared to count, see
         :mod:`gramstyle.inputs`), before anything is decoded."""
-        counts = {name: len(data) for name, data in images.items()
-                  if input_named(name).counts}
+        # A skipped entry (an empty one of a per-style mask: that style has none) is no image.
+        counts = {name: sum(not skipped(input_named(name), d) for d in data)
+                  for name, data in images.items() if input_named(name).counts}
         total = sum(counts.values())
         if total > self.max_images:
             listed = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
@@ -300,14 +301,17 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                stopped: Callable[[], bool]) -> dict[str, list[ImageHeader]]:
         """The headers of the inputs declared to be probed, by input name, in the order they
         are checked (:func:`gramstyle.inputs.check_order`): allowed format, pixel limit, and
-        for the input that sets the output size (the candidate) ``max_size``. Raises
-        Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
+        for the input that sets the output size (the candidate) ``max_size``. A skipped
+        entry (:func:`gramstyle.inputs.skipped`: a style without a mask) has no header.
+        Raises Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
         headers: dict[str, list[ImageHeader]] = {}
         for entry in check_order(rpc):
             if not entry.probed or entry.name not in images:
                 continue
             headers[entry.name] = []
             for i, data in enumerate(images[entry.name]):
+                if skipped(entry, data):  # no mask for this style: nothing to read
+                    continue
                 if stopped():
                     raise Cancelled("the call ended while its image headers were read")
                 headers[entry.name].append(probe_image(

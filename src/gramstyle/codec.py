@@ -32,7 +32,7 @@ from PIL import Image
 
 from gramstyle.errors import FieldError
 from gramstyle.images import FORMATS, ImageSource, encode_image, read_image_bytes
-from gramstyle.inputs import ImageInput, input_named, inputs_of
+from gramstyle.inputs import ImageInput, input_named, inputs_of, skipped
 from gramstyle.options import (
     MAX_ITERATIONS,
     MAX_SIZE,
@@ -133,10 +133,13 @@ def _as_list(sources: Sequence[ImageSource] | ImageSource | None) -> list[ImageS
 
 
 def _check_pairs(entry: ImageInput, given: int, counts: Mapping[str, int]) -> None:
-    """A paired input (one image per image of another) has as many images as that one."""
+    """A paired input (one image per image of another) has as many entries as that one has
+    images (a skipped entry of a skippable input counts: it stands for one image)."""
     if entry.paired_with and given and given != counts[entry.paired_with]:
+        skip = (f"; an empty entry stands for a {entry.paired_with} image without one"
+                if entry.skippable else "")
         raise FieldError(entry.name, f"expected {counts[entry.paired_with]} image(s), one "
-                         f"per {entry.paired_with} image, got {given}", given)
+                         f"per {entry.paired_with} image, got {given}{skip}", given)
 
 
 def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str, Any]
@@ -157,7 +160,8 @@ def _encode_images(message: Any, sources: Mapping[str, Any], values: Mapping[str
             # The server would say the same; saying it here saves uploading the images.
             raise FieldError(weights_name, f"expected {len(items)} value(s), one per image, "
                              f"got {len(weights)}: {list(weights)}", weights)
-        data = [read_image_bytes(s, entry.error_field(i)) for i, s in enumerate(items)]
+        data = [b"" if skipped(entry, s) else read_image_bytes(s, entry.error_field(i))
+                for i, s in enumerate(items)]
         field = getattr(message, entry.field)
         if entry.part is not None:  # WeightedImage messages
             for i, encoded in enumerate(data):
@@ -320,7 +324,9 @@ def _given_options(request: Any, names: Sequence[str]) -> dict[str, Any]:
 def request_images(request: Any) -> dict[str, list[bytes]]:
     """The encoded images of each image input of ``request``'s call, by input name, in
     :data:`gramstyle.inputs.INPUTS` order. A single input is a list of zero or one; a
-    required one is always there, empty when missing (and refused as such when probed)."""
+    required one is always there, empty when missing (and refused as such when probed). A
+    skippable input keeps its empty entries (:func:`gramstyle.inputs.skipped`), so that
+    they still pair with the images of its pair."""
     images = {}
     for entry in inputs_of(_RPC_OF[request.DESCRIPTOR.full_name]):
         value = getattr(request, entry.field)
@@ -333,11 +339,20 @@ def request_images(request: Any) -> dict[str, list[bytes]]:
     return images
 
 
-def engine_images(request: Any) -> dict[str, list[bytes] | bytes | None]:
+def engine_images(request: Any) -> dict[str, list[bytes | None] | bytes | None]:
     """The image inputs of ``request`` as the engine's keyword arguments: a list for a
-    repeated input, the bytes or None for a single one."""
-    return {name: data if input_named(name).repeated else (data[0] if data else None)
-            for name, data in request_images(request).items()}
+    repeated input (None for a skipped entry: a style without a mask), the bytes or None
+    for a single one."""
+    out: dict[str, list[bytes | None] | bytes | None] = {}
+    for name, data in request_images(request).items():
+        entry = input_named(name)
+        if not entry.repeated:
+            out[name] = data[0] if data else None
+        elif entry.skippable and any(skipped(entry, d) for d in data):
+            out[name] = [None if skipped(entry, d) else d for d in data]
+        else:
+            out[name] = data
+    return out
 
 
 def _check_images(request: Any, given: Mapping[str, Any]) -> None:

@@ -32,6 +32,10 @@ from gramstyle.images import long_side_size
 #: The calls that take images (the RPC names of gramstyle.v1.StyleTransferService).
 RPCS = ("Stylize", "ComputeLosses")
 
+#: The command-line spelling of a skipped entry of a :attr:`ImageInput.skippable` input
+#: (``--style-mask -``: this style has no mask); a file of that name is given as ``./-``.
+SKIP = "-"
+
 #: How an input enters the memory estimate. Every input costs its encoded bytes and its
 #: decoded pixels, held for the whole run; beyond that:
 MEMORY = {
@@ -80,12 +84,18 @@ class ImageInput:
     sets_size: bool = False
     #: One image per image of that input, in the same order (a per-style mask: "style").
     paired_with: str | None = None
+    #: An entry may be left out for one image of its pair (a style without a mask): None in
+    #: Python, an empty ``bytes`` entry on the wire, :data:`SKIP` on the command line. A
+    #: skipped entry still counts toward the pairing, but is no image: it is not counted
+    #: toward ``--max-images``, not probed and not in the memory estimate.
+    skippable: bool = False
     #: ``(option, value)``: the input may only be given when the option is unset or has this
     #: value (init_image needs init 'image').
     only_with: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         assert set(self.rpcs) <= set(RPCS) and self.memory in MEMORY, self
+        assert not self.skippable or (self.repeated and self.paired_with), self
 
     @property
     def field(self) -> str:
@@ -107,13 +117,17 @@ INPUTS: tuple[ImageInput, ...] = (
                memory="style"),
     # Greyscale masks, one per style (guided Gram matrices, gramstyle.engine.masks).
     ImageInput("style_mask", "region mask of a --style on the output: white where that style "
-               "applies, black where not (give one per --style, in the same order)",
+               "applies, black where not (give one per --style, in the same order; '-' for a "
+               "style without one, which applies everywhere; a file named '-': ./-)",
                ("Stylize", "ComputeLosses"), repeated=True, flag="--style-mask",
-               metavar="MASK", memory="output", channels=1, paired_with="style"),
+               metavar="MASK", memory="output", channels=1, paired_with="style",
+               skippable=True),
     ImageInput("style_source_mask", "source mask of a --style on its own image: the part its "
-               "statistics are taken from (one per --style, in the same order)",
+               "statistics are taken from (one per --style, in the same order; '-' for a "
+               "style without one)",
                ("Stylize", "ComputeLosses"), repeated=True, flag="--style-source-mask",
-               metavar="MASK", memory="style", channels=1, paired_with="style"),
+               metavar="MASK", memory="style", channels=1, paired_with="style",
+               skippable=True),
     # Resized to the output size, it *is* the first scale's optimised image.
     ImageInput("init_image", "start image for --init image", ("Stylize",), repeated=False,
                flag="--init-image", only_with=("init", "image")),
@@ -121,6 +135,14 @@ INPUTS: tuple[ImageInput, ...] = (
                flag="candidate", metavar="CANDIDATE", required=True, sets_size=True),
 )
 _BY_NAME = {entry.name: entry for entry in INPUTS}
+
+
+def skipped(entry: ImageInput, data: object) -> bool:
+    """Whether an entry of ``entry`` is a skipped one (:attr:`ImageInput.skippable`): None,
+    or empty bytes as it travels. For any other input nothing is skipped (an empty image is
+    refused as such)."""
+    return entry.skippable and (data is None or (
+        isinstance(data, (bytes, bytearray, memoryview)) and not len(data)))
 
 
 def input_named(name: str) -> ImageInput:
@@ -188,6 +210,8 @@ def markdown_table() -> str:
         field = entry.field + ("[]" if entry.repeated else "") + (
             f".{entry.part}" if entry.part else "")
         paired = f"; one per `{entry.paired_with}` image" if entry.paired_with else ""
+        if entry.skippable:
+            paired += " (an empty entry: none for that image)"
         rows.append(
             f"| `{entry.name}` | {flag} | `{field}` | {', '.join(entry.rpcs)} | "
             f"{'yes' if entry.counts else 'no'} | {'yes' if entry.probed else 'no'} | "
@@ -195,5 +219,6 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["INPUTS", "MEMORY", "RPCS", "ImageInput", "Sized", "check_order", "input_named",
-           "inputs_of", "markdown_table", "output_size", "resized_size", "style_side"]
+__all__ = ["INPUTS", "MEMORY", "RPCS", "SKIP", "ImageInput", "Sized", "check_order",
+           "input_named", "inputs_of", "markdown_table", "output_size", "resized_size",
+           "skipped", "style_side"]
