@@ -19,7 +19,9 @@ on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
    Header parsing runs on a small thread pool, off the event loop.
 2. **Admission**: the job is queued by count and by memory, or refused at once with
    RESOURCE_EXHAUSTED.
-3. **The job** decodes, computes and encodes the answer on a worker thread; progress
+3. **The job** decodes, computes and encodes the answer on a worker thread (an image of
+   over a megapixel is decoded in a child process of a bounded pool, killed when the call
+   ends: :mod:`gramstyle.decode_process`); progress
    messages reach the handler through a bounded relay (a caller that reads more slowly than
    the job reports loses intermediate progress messages, never the result, and never
    blocks the worker).
@@ -46,6 +48,7 @@ import grpc
 
 import gramstyle
 from gramstyle import codec
+from gramstyle.decode_process import DecodePool
 from gramstyle.engine.optimise import LBFGS_HISTORY
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
@@ -136,12 +139,15 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         max_request_memory: the largest peak-memory estimate (bytes) a request may have
             (None: the queue's memory budget, or no limit).
         on_iterations: called with the number of iterations each Stylize ran (metrics).
+        decoder: decodes the jobs' images; default: a :class:`DecodePool` with one process
+            per worker, so a large decode is killed when its call ends (deadline, cancel).
     """
 
     def __init__(self, engines: Sequence[StyleTransfer], work: WorkQueue, *,
                  max_iterations: int = MAX_ITERATIONS, max_message_bytes: int = 0,
                  max_images: int = DEFAULT_MAX_IMAGES, max_request_memory: int | None = None,
-                 on_iterations: Callable[[int], None] | None = None):
+                 on_iterations: Callable[[int], None] | None = None,
+                 decoder: DecodePool | None = None):
         if not engines:
             raise FieldError("engines", "at least one loaded model is needed")
         if max_images < 1:
@@ -158,9 +164,12 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         # metadata chunks): off the event loop, on a pool small enough not to compete with
         # the workers.
         self._headers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gramstyle-headers")
+        # A worker decodes one image at a time: one process each is enough.
+        self.decoder = decoder or DecodePool(work.workers)
 
     def close(self) -> None:
         self._headers.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
 
     def select(self, arch: str, weights: str) -> StyleTransfer:
         """The loaded engine for (arch, weights); empty strings match anything."""
@@ -324,7 +333,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             result = engine.stylize(
                 **codec.engine_images(request), options=options, preview=request.preview,
                 progress=lambda p: relay.put(codec.progress_message(p, fmt)),
-                should_stop=stop.is_set)
+                should_stop=stop.is_set, decode=self.decoder.load_image)
             if self._on_iterations is not None:
                 self._on_iterations(result.iterations)
             return codec.result_message(result, fmt)  # encoded here, off the event loop
@@ -384,7 +393,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         def job() -> pb.ComputeLossesResponse:
             report = engine.compute_losses(
                 **codec.engine_images(request), options=options, gradient=request.gradient,
-                should_stop=stop.is_set)
+                should_stop=stop.is_set, decode=self.decoder.load_image)
             return codec.loss_report_message(report)
 
         try:
