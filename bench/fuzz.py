@@ -59,6 +59,8 @@ SERVICE = "gramstyle.v1.StyleTransferService"
 DEADLINE_S = 10.0
 #: Codes that mean a server bug (or a hang).
 BAD_CODES = ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED")
+#: --message-timeout of the server --serve starts: a withheld case lasts about this long.
+WITHHELD_TIMEOUT_S = 2
 #: Layer names and indices that exist in VGG19/VGG16, to reach past the name checks.
 LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1", "conv1_1",
           "pool1", "pool5", "0", "2", "22", "36")
@@ -315,9 +317,12 @@ class Case:
     streaming_request: bool = False
     #: Sent gzip-compressed (the server refuses compressed requests: UNIMPLEMENTED).
     compressed: bool = False
+    #: Sent over raw HTTP/2 without its last byte (the server cuts it off at its
+    #: --message-timeout); needs the server's address (:func:`send`'s ``target``).
+    withheld: bool = False
 
     def __repr__(self) -> str:  # Hypothesis prints failing cases
-        gzip = ", gzip" if self.compressed else ""
+        gzip = ", gzip" if self.compressed else ", withheld" if self.withheld else ""
         return (f"Case({self.method!r}, {len(self.payload)} bytes{gzip}: "
                 f"{self.payload[:120]!r}...)")
 
@@ -334,8 +339,10 @@ _METHODS = [
 
 
 @st.composite
-def cases(draw: Callable) -> Case:
-    """A request for a random method: a generated message, a third of them mutated."""
+def cases(draw: Callable, withheld: bool = False) -> Case:
+    """A request for a random method: a generated message, a third of them mutated.
+    ``withheld``: one in 200 is sent without its last byte (against a server whose
+    --message-timeout is short: each such case lasts that long)."""
     path, cls, out_stream, in_stream, _ = draw(st.sampled_from(
         [m for m in _METHODS for _ in range(m[4])]))
     if cls.DESCRIPTOR.file.package == "gramstyle.v1":
@@ -352,14 +359,30 @@ def cases(draw: Callable) -> Case:
     if draw(st.sampled_from((False,) * 19 + (True,))):  # a field the server does not know
         payload += unknown_field(draw(st.sampled_from([1, 2**16, 2**20, 4 * 2**20])))
     compressed = draw(st.sampled_from((False,) * 29 + (True,)))
-    return Case(path, payload, out_stream, in_stream, compressed=compressed)
+    # Not on reflection's request stream: a stream waiting for its next message is idle, not
+    # withheld, and is not cut off (docs/service.md, Reliability).
+    held = (withheld and not compressed and not in_stream
+            and draw(st.sampled_from((False,) * 199 + (True,))))
+    return Case(path, payload, out_stream, in_stream, compressed=compressed, withheld=held)
 
 
 # ---------------------------------------------------------------------------- sending
 
 
-def send(channel: grpc.Channel, case: Case, deadline: float = DEADLINE_S) -> str:
-    """Send one case; the status code name (OK, INVALID_ARGUMENT, ...)."""
+def send(channel: grpc.Channel, case: Case, deadline: float = DEADLINE_S,
+         target: str | None = None) -> str:
+    """Send one case; the status code name (OK, INVALID_ARGUMENT, ...). A withheld case
+    (sent to ``target``'s port) is CUT_OFF when the server ended it within ``deadline``,
+    else DEADLINE_EXCEEDED (a hang)."""
+    if case.withheld:
+        try:  # bench/ on sys.path (run as a script) or the repository root (tests)
+            from message_flood import WithheldCall
+        except ImportError:
+            from bench.message_flood import WithheldCall
+
+        port = int(target.rsplit(":", 1)[1])
+        took = WithheldCall(port, case.payload, None, path=case.method).run(deadline)
+        return "CUT_OFF" if took is not None else "DEADLINE_EXCEEDED"
     gzip = grpc.Compression.Gzip if case.compressed else None
     try:
         if case.streaming_request:
@@ -402,9 +425,9 @@ def run(target: str, n: int, seed: int | None = None, progress: bool = True
 
         @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck), derandomize=seed is not None)
-        @given(case=cases())
+        @given(case=cases(withheld=True))
         def one(case: Case) -> None:
-            code = send(channel, case)
+            code = send(channel, case, target=target)
             codes[code] += 1
             per_method[(case.method.rsplit("/", 1)[-1], code)] += 1
             if code in BAD_CODES:
@@ -452,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     process = None
     target = args.target
     if args.serve:
-        process, target = start_server([])
+        # Withheld cases are cut off at the message timeout: keep it short.
+        process, target = start_server(["--message-timeout", str(WITHHELD_TIMEOUT_S)])
     try:
         rss_before = _rss(process.pid) if process else 0
         started = time.monotonic()
