@@ -151,9 +151,9 @@ class DecodePool:
         """Kill a child whose job was abandoned (or that died) and start its replacement, so
         that the next caller does not pay for the interpreter's start."""
         child.kill()
-        self.killed += 1
         replacement = None
         with self._lock:
+            self.killed += 1
             if self._closed:
                 self._alive -= 1
                 return
@@ -213,7 +213,8 @@ class DecodePool:
         check(0.0)
         child = self._acquire(check)
         try:
-            reply, pixels = self._ask(child, data, field, max_pixels, max_side, check)
+            reply, pixels = self._ask(child, data, field, max_pixels, max_side, check,
+                                      3 * header.pixels)
         except BaseException:
             self._discard(child)
             raise
@@ -227,9 +228,10 @@ class DecodePool:
 
     @staticmethod
     def _ask(child: _Child, data: bytes | bytearray | memoryview, field: str,
-             max_pixels: int | None, max_side: int | None, check: Callable[[float], None]
-             ) -> tuple[dict, bytes]:
-        """Send one job, wait for its reply (calling ``check``); (reply, pixels)."""
+             max_pixels: int | None, max_side: int | None, check: Callable[[float], None],
+             expected: int) -> tuple[dict, bytes]:
+        """Send one job, wait for its reply (calling ``check``); (reply, pixels). A reply
+        of more than ``expected`` bytes of pixels is refused unread."""
         started = time.monotonic()
         try:
             child.send.send_bytes(json.dumps(
@@ -240,7 +242,7 @@ class DecodePool:
             pixels = b""
             if "size" in reply:
                 _wait(child, check)
-                pixels = child.recv.recv_bytes()
+                pixels = child.recv.recv_bytes(expected + 1)
         except (OSError, EOFError, ValueError) as exc:
             try:  # the pipe closed: the child is exiting (or exited)
                 code = child.proc.wait(1)
