@@ -59,6 +59,10 @@ SERVICE = "gramstyle.v1.StyleTransferService"
 DEADLINE_S = 10.0
 #: Codes that mean a server bug (or a hang).
 BAD_CODES = ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED")
+#: Cases after which the server counts as warmed up, for the RSS comparison.
+WARMUP_CASES = 1000
+#: Seconds waited after the last case before the last RSS reading.
+SETTLE_S = 10
 #: --message-timeout of the server --serve starts: a withheld case lasts about this long.
 WITHHELD_TIMEOUT_S = 2
 #: Layer names and indices that exist in VGG19/VGG16, to reach past the name checks.
@@ -413,7 +417,8 @@ def serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def run(target: str, n: int, seed: int | None = None, progress: bool = True
+def run(target: str, n: int, seed: int | None = None, progress: bool = True,
+        rss: Callable[[], int] | None = None, marks: dict[int, int] | None = None
         ) -> tuple[Counter, Counter, list[Case]]:
     """Send ``n`` cases; (codes, codes per method, the cases that hung or failed badly)."""
     codes: Counter = Counter()
@@ -433,8 +438,11 @@ def run(target: str, n: int, seed: int | None = None, progress: bool = True
             if code in BAD_CODES:
                 bad.append(case)
             done = sum(codes.values())
+            if rss is not None and done % 500 == 0 and marks is not None:
+                marks[done] = rss()
             if progress and done % 500 == 0:
-                print(f"  {done} cases in {time.monotonic() - started:.0f} s: "
+                memory = f" RSS {marks[done] / 2**20:.0f} MiB" if rss and marks else ""
+                print(f"  {done} cases in {time.monotonic() - started:.0f} s{memory}: "
                       f"{dict(codes)}", file=sys.stderr, flush=True)
 
         one()
@@ -479,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         process, target = start_server(["--message-timeout", str(WITHHELD_TIMEOUT_S)])
     try:
         rss_before = _rss(process.pid) if process else 0
+        marks: dict[int, int] = {}
         started = time.monotonic()
-        codes, per_method, bad = run(target, args.n, args.seed)
+        codes, per_method, bad = run(
+            target, args.n, args.seed,
+            rss=(lambda: _rss(process.pid)) if process else None, marks=marks)
         took = time.monotonic() - started
         with grpc.insecure_channel(target) as channel:
             alive = serving(channel)
@@ -496,8 +507,16 @@ def main(argv: list[str] | None = None) -> int:
               f"hangs over {DEADLINE_S:.0f} s {hangs}; health after: "
               f"{'SERVING' if alive else 'NOT SERVING'}")
         if process:
-            print(f"server RSS {rss_before / 2**20:.0f} MiB before, "
-                  f"{_rss(process.pid) / 2**20:.0f} MiB after")
+            ended = _rss(process.pid)
+            time.sleep(SETTLE_S)
+            settled = _rss(process.pid)
+            # The first cases warm the server up (first calls of each path, the target
+            # cache filling to its --target-cache-mb): growth is judged from WARMUP_CASES on.
+            warm = marks.get(WARMUP_CASES, rss_before)
+            print(f"server RSS {rss_before / 2**20:.0f} MiB before, {warm / 2**20:.0f} MiB "
+                  f"after {WARMUP_CASES} cases, {ended / 2**20:.0f} MiB at the end, "
+                  f"{settled / 2**20:.0f} MiB {SETTLE_S} s later "
+                  f"({100 * (settled - warm) / warm:+.1f} % from {WARMUP_CASES} cases)")
         for case in bad[:10]:
             print("bad case:", case)
         return 0 if alive and not bad else 1
