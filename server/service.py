@@ -16,7 +16,9 @@ on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
    "auto" is resolved here: off when the untiled run fits, else the largest tile that
    does; refused only when even the smallest tile does not). A caller's
    mistake is INVALID_ARGUMENT even while the server is saturated, and never costs a slot.
-   Header parsing runs on a small thread pool, off the event loop.
+   Header parsing runs on a small thread pool, off the event loop, each thread handing
+   the bytes to a child process (:meth:`gramstyle.decode_process.DecodePool.probe_image`):
+   no header holds the interpreter, and a probe is killed at the caller's deadline.
 2. **Admission**: the job is queued by count and by memory, or refused at once with
    RESOURCE_EXHAUSTED.
 3. **The job** decodes, computes and encodes the answer on a worker thread (an image of
@@ -53,7 +55,7 @@ from gramstyle.engine.optimise import LBFGS_HISTORY
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.errors import FieldError, ModelNotLoaded, QueueFull, ShuttingDown
-from gramstyle.images import ImageHeader, probe_image
+from gramstyle.images import ImageHeader
 from gramstyle.inputs import check_order, input_named
 from gramstyle.options import MAX_ITERATIONS, StyleOptions, default_within, preview
 from gramstyle.results import ModelInfo, ServerInfo
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransferService"].full_name
 
+#: Threads (and child processes) that read image headers.
+PROBE_THREADS = 2
 #: Progress messages held for a caller that reads slowly; older ones are dropped.
 RELAY_LIMIT = 16
 
@@ -163,13 +167,19 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         # Header parsing is quick but proportional to the message (up to its size limit of
         # metadata chunks): off the event loop, on a pool small enough not to compete with
         # the workers.
-        self._headers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gramstyle-headers")
+        self._headers = ThreadPoolExecutor(max_workers=PROBE_THREADS,
+                                           thread_name_prefix="gramstyle-headers")
         # A worker decodes one image at a time: one process each is enough.
-        self.decoder = decoder or DecodePool(work.workers)
+        self.decoder = (decoder or DecodePool(work.workers)).start()
+        # The headers are parsed in child processes too, one per header thread: Pillow parses
+        # PNG chunks in Python, and a probe in this process would hold the interpreter (and
+        # so the event loop, health included) for as long as it runs.
+        self.prober = DecodePool(PROBE_THREADS, in_process_pixels=0).start()
 
     def close(self) -> None:
         self._headers.shutdown(wait=False, cancel_futures=True)
         self.decoder.close()
+        self.prober.close()
 
     def select(self, arch: str, weights: str) -> StyleTransfer:
         """The loaded engine for (arch, weights); empty strings match anything."""
@@ -260,7 +270,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
         """``fn(stopped)`` (which reads image headers) on the header pool, off the event loop.
         ``stopped()`` turns true at the caller's deadline or when it leaves, so that a probe
-        of many images stops there (one image's probe is bounded by images.check_structure);
+        of many images stops there (one image's probe is killed in its child process);
         a probe still waiting for a pool thread then never starts."""
         gone = threading.Event()
         remaining = context.time_remaining()
@@ -281,6 +291,10 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         for the input that sets the output size (the candidate) ``max_size``. Raises
         Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
         headers: dict[str, list[ImageHeader]] = {}
+
+        def check(_: float) -> None:
+            if stopped():
+                raise Cancelled("the call ended while its image headers were read")
         for entry in check_order(rpc):
             if not entry.probed or entry.name not in images:
                 continue
@@ -288,9 +302,9 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             for i, data in enumerate(images[entry.name]):
                 if stopped():
                     raise Cancelled("the call ended while its image headers were read")
-                headers[entry.name].append(probe_image(
+                headers[entry.name].append(self.prober.probe_image(
                     data, entry.error_field(i), engine.max_pixels,
-                    max_side=engine.max_size if entry.sets_size else None))
+                    max_side=engine.max_size if entry.sets_size else None, check=check))
         return headers
 
     def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:

@@ -42,6 +42,7 @@ from PIL import Image
 from gramstyle.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
+    ImageHeader,
     ImageSource,
     load_image,
     probe_image,
@@ -173,6 +174,15 @@ class DecodePool:
         if replacement is not None:
             replacement.kill()
 
+    def start(self) -> DecodePool:
+        """Start every child now (their interpreters load in the background), so that the
+        first calls do not wait for them."""
+        with self._lock:
+            while not self._closed and self._alive < self.processes:
+                self._idle.append(_Child())
+                self._alive += 1
+        return self
+
     @property
     def pids(self) -> list[int]:
         """The process ids of the idle children (for tests and metrics)."""
@@ -211,31 +221,50 @@ class DecodePool:
                 data = f.read()
         check = check or (lambda seconds: None)
         check(0.0)
-        child = self._acquire(check)
-        try:
-            reply, pixels = self._ask(child, data, field, max_pixels, max_side, check,
-                                      3 * header.pixels)
-        except BaseException:
-            self._discard(child)
-            raise
-        self._release(child)
-        if "error" in reply:
-            raise ImageError(reply.get("field", field), reply["error"])
+        reply, pixels = self._run({"op": "decode", "field": field, "max_pixels": max_pixels,
+                                   "max_side": max_side}, data, check, 3 * header.pixels)
         width, height = reply["size"]
         if width * height * 3 != len(pixels) or width * height != header.pixels:
             raise ImageError(field, "the decoder returned pixels of the wrong size")
         return Image.frombytes("RGB", (width, height), pixels)
 
+    def probe_image(self, source: bytes | bytearray | memoryview, field: str = "image",
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+                    check: Callable[[float], None] | None = None) -> ImageHeader:
+        """:func:`gramstyle.images.probe_image` of encoded bytes, in a child process: the
+        container walk and Pillow's header parsing (Python code, holding the interpreter)
+        run there, so that no header can hold up the caller's process, and a probe stops
+        (its child killed) as soon as ``check`` raises."""
+        check = check or (lambda seconds: None)
+        check(0.0)
+        reply, _ = self._run({"op": "probe", "field": field, "max_pixels": max_pixels,
+                              "max_side": max_side}, source, check, 0)
+        fmt, mode, width, height, metadata = reply["header"]
+        return ImageHeader(str(fmt), str(mode), int(width), int(height), int(metadata))
+
+    def _run(self, job: dict, data: bytes | bytearray | memoryview,
+             check: Callable[[float], None], expected: int) -> tuple[dict, bytes]:
+        """One job on a child: (reply, pixels); the child's ImageError raised here."""
+        child = self._acquire(check)
+        try:
+            reply, pixels = self._ask(child, job, data, check, expected)
+        except BaseException:
+            self._discard(child)
+            raise
+        self._release(child)
+        if "error" in reply:
+            raise ImageError(reply.get("field", job["field"]), reply["error"])
+        return reply, pixels
+
     @staticmethod
-    def _ask(child: _Child, data: bytes | bytearray | memoryview, field: str,
-             max_pixels: int | None, max_side: int | None, check: Callable[[float], None],
-             expected: int) -> tuple[dict, bytes]:
+    def _ask(child: _Child, job: dict, data: bytes | bytearray | memoryview,
+             check: Callable[[float], None], expected: int) -> tuple[dict, bytes]:
         """Send one job, wait for its reply (calling ``check``); (reply, pixels). A reply
         of more than ``expected`` bytes of pixels is refused unread."""
         started = time.monotonic()
+        field = job["field"]
         try:
-            child.send.send_bytes(json.dumps(
-                {"field": field, "max_pixels": max_pixels, "max_side": max_side}).encode())
+            child.send.send_bytes(json.dumps(job).encode())
             child.send.send_bytes(data)
             _wait(child, check)
             reply = json.loads(child.recv.recv_bytes(1 << 16))
@@ -273,6 +302,12 @@ def _serve(requests: Connection, replies: Connection) -> None:
             return
         field = job["field"]
         try:
+            if job["op"] == "probe":
+                h = probe_image(data, field, job["max_pixels"], max_side=job["max_side"])
+                replies.send_bytes(json.dumps(
+                    {"header": [h.format, h.mode, h.width, h.height, h.metadata_bytes]}
+                ).encode())
+                continue
             image = load_image(data, field, job["max_pixels"], max_side=job["max_side"])
         except ImageError as exc:
             replies.send_bytes(json.dumps({"field": exc.field, "error": exc.problem}).encode())

@@ -151,3 +151,29 @@ def test_processes_are_bounded_and_a_waiting_caller_can_stop(pool, slow_jpeg):
     busy.join(30)
     assert pool._alive == 1 and len(pool.pids) == 1
     assert pool.killed == 0  # the waiting caller's stop killed nobody's decode
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_child_probe_reads_the_same_header_as_probe_image(pool, fmt):
+    from gramstyle.images import probe_image
+
+    data = _encoded(_noise(96, 64), fmt)
+    assert pool.probe_image(data, "style[0]") == probe_image(data, "style[0]")
+    with pytest.raises(ImageError, match=r"^candidate: long side 96 px is over the limit of "
+                                         r"80 px$"):
+        pool.probe_image(data, "candidate", max_side=80)
+
+
+def test_a_stopped_probe_is_killed(pool):
+    """A probe that does not answer (its child stopped, as by a header that takes forever)
+    is given up at the caller's stop and its child killed."""
+    pool.probe_image(_encoded(_noise(32, 32), "PNG"))
+    (child,) = pool.pids
+    os.kill(child, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        pool.probe_image(_encoded(_noise(32, 32), "PNG"), "content[0]",
+                         check=_stop_after(0.1))
+    assert time.monotonic() - start < 0.6
+    assert pool.killed == 1 and pool.pids != [child]
+    assert pool.probe_image(_encoded(_noise(32, 32), "PNG")).width == 32

@@ -27,17 +27,22 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc, numpy as np
 from PIL import Image
 from gramstyle.v1 import gramstyle_pb2 as pb, gramstyle_pb2_grpc as pb_grpc
-from gramstyle.images import MAX_METADATA_BYTES, MAX_PNG_ANCILLARY_CHUNKS
+from gramstyle.images import MAX_PNG_ANCILLARY_CHUNKS
 buf = io.BytesIO()
 Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
 data = buf.getvalue()
-# At the limits: the most ancillary chunks, holding (almost) the most metadata, as text.
-text = b"k\x00" + b"t" * (MAX_METADATA_BYTES // MAX_PNG_ANCILLARY_CHUNKS - 64)
+# The most ancillary chunks allowed, each parsed by Pillow in Python: the costliest header
+# per byte (the starving probe, within the limits).
+text = b"k\x00v"
 crc = struct.pack(">I", zlib.crc32(b"tEXt" + text))
 chunk = struct.pack(">I", len(text)) + b"tEXt" + text + crc
 heavy = data[:33] + chunk * (MAX_PNG_ANCILLARY_CHUNKS - 1) + data[33:]
+# Refused once every header before it is probed: a 60000 x 60000 header.
+ihdr = b"IHDR" + struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+huge = data[:8] + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
 request = pb.StylizeRequest(content=[pb.WeightedImage(data=heavy)],
-                            style=[pb.WeightedImage(data=b"\x89PNG\r\n\x1a\n")], size=32)
+                            style=[pb.WeightedImage(data=heavy)] * 6
+                            + [pb.WeightedImage(data=huge)], size=32)
 until = time.monotonic() + float(sys.argv[2])
 def attack(_):
     sent = 0
