@@ -46,6 +46,10 @@ def test_a_decode_past_the_deadline_frees_the_worker_within_a_second(server, rpc
     killed = service.decoder.killed
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.StyleTransferServiceStub(channel)
+        # Warm up: the first call waits for the probe and decode children's interpreters.
+        list(stub.Stylize(pb.StylizeRequest(
+            content=[pb.WeightedImage(data=small)], style=[pb.WeightedImage(data=small)],
+            size=32, iterations=1), timeout=60))
         # Two slow images: 3 to 6 s of decoding, so that the deadline falls in one of them
         # even when a loaded machine is slow to start the job.
         deadline = 2.0
