@@ -21,6 +21,10 @@ long-lived child processes:
   caller's process: its worst case is bounded by its size (see
   :data:`DEFAULT_IN_PROCESS_PIXELS`) and it saves the round trip.
 
+:meth:`DecodePool.probe_image` runs :func:`gramstyle.images.probe_image` (the container walk
+and Pillow's header parsing, Python code that holds the interpreter) in a child the same way:
+the server reads every header there, so no header can hold up its event loop.
+
 The core stays torch-free: this module imports only :mod:`gramstyle.images`.
 """
 
@@ -54,23 +58,18 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.05
 #: Images of at most this many pixels (from the header) are decoded in the caller's process.
 #: Their worst case is bounded: measured on a shared 2-core Xeon (bench/image_bombs.py
-#: --decode), a 1024 x 1024 JPEG with the 32 scans allowed decodes in about 0.2 s, a noise
-#: PNG or WebP of that size in under 0.1 s -- within a second of any deadline.
+#: --decode), a 1024 x 1024 noise JPEG with the 32 scans allowed decodes in 0.23 s, a noise
+#: PNG or WebP of that size in 0.12 s -- well within a second of any deadline.
 DEFAULT_IN_PROCESS_PIXELS = 1024 * 1024
-#: Child memory: Pillow frees large images block by block; a fixed mmap threshold makes
-#: glibc hand every large block back to the system at once (its default threshold grows
-#: after the first large free, and the next image's blocks then stay in the heap).
-_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 
 
 class _Child:
     """One decoding process and the two ends of its pipes."""
 
     def __init__(self) -> None:
-        env = {**os.environ, **_CHILD_ENV}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gramstyle.decode_process"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=env, close_fds=True)
+            stdout=subprocess.PIPE, close_fds=True)
         # Connection frames messages (a 4-byte length, then the bytes) over the raw pipes.
         self.send = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
         self.recv = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
