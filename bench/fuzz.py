@@ -479,12 +479,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="start `gramstyle serve --weights random` with small limits")
     parser.add_argument("-n", type=int, default=1000, help="cases to send (default 1000)")
     parser.add_argument("--seed", type=int, help="derandomise (the same cases every run)")
+    parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
+                        help="with --serve: another flag for gramstyle serve, e.g. "
+                             "--serve-flag=--target-cache-mb=0 (repeatable)")
     args = parser.parse_args(argv)
     process = None
     target = args.target
     if args.serve:
         # Withheld cases are cut off at the message timeout: keep it short.
-        process, target = start_server(["--message-timeout", str(WITHHELD_TIMEOUT_S)])
+        process, target = start_server(["--message-timeout", str(WITHHELD_TIMEOUT_S),
+                                        *args.serve_flag])
     try:
         rss_before = _rss(process.pid) if process else 0
         marks: dict[int, int] = {}
