@@ -50,20 +50,20 @@ def test_a_decode_past_the_deadline_frees_the_worker_within_a_second(server, rpc
         list(stub.Stylize(pb.StylizeRequest(
             content=[pb.WeightedImage(data=small)], style=[pb.WeightedImage(data=small)],
             size=32, iterations=1), timeout=60))
-        # Two slow images: 3 to 6 s of decoding, so that the deadline falls in one of them
+        # Four slow images: 3 to 12 s of decoding, so that the stop comes in one of them
         # even when a loaded machine is slow to start the job.
         deadline = 2.0
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             if rpc == "Stylize":
                 list(stub.Stylize(pb.StylizeRequest(
-                    content=[pb.WeightedImage(data=slow)] * 2,
+                    content=[pb.WeightedImage(data=slow)] * 4,
                     style=[pb.WeightedImage(data=small)], size=32, iterations=2),
                     timeout=deadline))
             else:
                 stub.ComputeLosses(pb.ComputeLossesRequest(
                     candidate=_png(32), content=[pb.WeightedImage(data=small)],
-                    style=[pb.WeightedImage(data=slow)] * 2), timeout=deadline)
+                    style=[pb.WeightedImage(data=slow)] * 4), timeout=deadline)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         while service.work.busy and time.monotonic() - start < deadline + 5:
             time.sleep(0.01)
