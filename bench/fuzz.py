@@ -59,6 +59,12 @@ SERVICE = "gramstyle.v1.StyleTransferService"
 DEADLINE_S = 10.0
 #: Codes that mean a server bug (or a hang).
 BAD_CODES = ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED")
+#: Cases after which the server counts as warmed up, for the RSS comparison.
+WARMUP_CASES = 1000
+#: Seconds waited after the last case before the last RSS reading.
+SETTLE_S = 10
+#: --message-timeout of the server --serve starts: a withheld case lasts about this long.
+WITHHELD_TIMEOUT_S = 2
 #: Layer names and indices that exist in VGG19/VGG16, to reach past the name checks.
 LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1", "conv1_1",
           "pool1", "pool5", "0", "2", "22", "36")
@@ -315,9 +321,12 @@ class Case:
     streaming_request: bool = False
     #: Sent gzip-compressed (the server refuses compressed requests: UNIMPLEMENTED).
     compressed: bool = False
+    #: Sent over raw HTTP/2 without its last byte (the server cuts it off at its
+    #: --message-timeout); needs the server's address (:func:`send`'s ``target``).
+    withheld: bool = False
 
     def __repr__(self) -> str:  # Hypothesis prints failing cases
-        gzip = ", gzip" if self.compressed else ""
+        gzip = ", gzip" if self.compressed else ", withheld" if self.withheld else ""
         return (f"Case({self.method!r}, {len(self.payload)} bytes{gzip}: "
                 f"{self.payload[:120]!r}...)")
 
@@ -334,8 +343,10 @@ _METHODS = [
 
 
 @st.composite
-def cases(draw: Callable) -> Case:
-    """A request for a random method: a generated message, a third of them mutated."""
+def cases(draw: Callable, withheld: bool = False) -> Case:
+    """A request for a random method: a generated message, a third of them mutated.
+    ``withheld``: one in 200 is sent without its last byte (against a server whose
+    --message-timeout is short: each such case lasts that long)."""
     path, cls, out_stream, in_stream, _ = draw(st.sampled_from(
         [m for m in _METHODS for _ in range(m[4])]))
     if cls.DESCRIPTOR.file.package == "gramstyle.v1":
@@ -352,14 +363,30 @@ def cases(draw: Callable) -> Case:
     if draw(st.sampled_from((False,) * 19 + (True,))):  # a field the server does not know
         payload += unknown_field(draw(st.sampled_from([1, 2**16, 2**20, 4 * 2**20])))
     compressed = draw(st.sampled_from((False,) * 29 + (True,)))
-    return Case(path, payload, out_stream, in_stream, compressed=compressed)
+    # Not on reflection's request stream: a stream waiting for its next message is idle, not
+    # withheld, and is not cut off (docs/service.md, Reliability).
+    held = (withheld and not compressed and not in_stream
+            and draw(st.sampled_from((False,) * 199 + (True,))))
+    return Case(path, payload, out_stream, in_stream, compressed=compressed, withheld=held)
 
 
 # ---------------------------------------------------------------------------- sending
 
 
-def send(channel: grpc.Channel, case: Case, deadline: float = DEADLINE_S) -> str:
-    """Send one case; the status code name (OK, INVALID_ARGUMENT, ...)."""
+def send(channel: grpc.Channel, case: Case, deadline: float = DEADLINE_S,
+         target: str | None = None) -> str:
+    """Send one case; the status code name (OK, INVALID_ARGUMENT, ...). A withheld case
+    (sent to ``target``'s port) is CUT_OFF when the server ended it within ``deadline``,
+    else DEADLINE_EXCEEDED (a hang)."""
+    if case.withheld:
+        try:  # bench/ on sys.path (run as a script) or the repository root (tests)
+            from message_flood import WithheldCall
+        except ImportError:
+            from bench.message_flood import WithheldCall
+
+        port = int(target.rsplit(":", 1)[1])
+        took = WithheldCall(port, case.payload, None, path=case.method).run(deadline)
+        return "CUT_OFF" if took is not None else "DEADLINE_EXCEEDED"
     gzip = grpc.Compression.Gzip if case.compressed else None
     try:
         if case.streaming_request:
@@ -390,7 +417,8 @@ def serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def run(target: str, n: int, seed: int | None = None, progress: bool = True
+def run(target: str, n: int, seed: int | None = None, progress: bool = True,
+        rss: Callable[[], int] | None = None, marks: dict[int, int] | None = None
         ) -> tuple[Counter, Counter, list[Case]]:
     """Send ``n`` cases; (codes, codes per method, the cases that hung or failed badly)."""
     codes: Counter = Counter()
@@ -402,16 +430,19 @@ def run(target: str, n: int, seed: int | None = None, progress: bool = True
 
         @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck), derandomize=seed is not None)
-        @given(case=cases())
+        @given(case=cases(withheld=True))
         def one(case: Case) -> None:
-            code = send(channel, case)
+            code = send(channel, case, target=target)
             codes[code] += 1
             per_method[(case.method.rsplit("/", 1)[-1], code)] += 1
             if code in BAD_CODES:
                 bad.append(case)
             done = sum(codes.values())
+            if rss is not None and done % 500 == 0 and marks is not None:
+                marks[done] = rss()
             if progress and done % 500 == 0:
-                print(f"  {done} cases in {time.monotonic() - started:.0f} s: "
+                memory = f" RSS {marks[done] / 2**20:.0f} MiB" if rss and marks else ""
+                print(f"  {done} cases in {time.monotonic() - started:.0f} s{memory}: "
                       f"{dict(codes)}", file=sys.stderr, flush=True)
 
         one()
@@ -448,15 +479,23 @@ def main(argv: list[str] | None = None) -> int:
                        help="start `gramstyle serve --weights random` with small limits")
     parser.add_argument("-n", type=int, default=1000, help="cases to send (default 1000)")
     parser.add_argument("--seed", type=int, help="derandomise (the same cases every run)")
+    parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
+                        help="with --serve: another flag for gramstyle serve, e.g. "
+                             "--serve-flag=--target-cache-mb=0 (repeatable)")
     args = parser.parse_args(argv)
     process = None
     target = args.target
     if args.serve:
-        process, target = start_server([])
+        # Withheld cases are cut off at the message timeout: keep it short.
+        process, target = start_server(["--message-timeout", str(WITHHELD_TIMEOUT_S),
+                                        *args.serve_flag])
     try:
         rss_before = _rss(process.pid) if process else 0
+        marks: dict[int, int] = {}
         started = time.monotonic()
-        codes, per_method, bad = run(target, args.n, args.seed)
+        codes, per_method, bad = run(
+            target, args.n, args.seed,
+            rss=(lambda: _rss(process.pid)) if process else None, marks=marks)
         took = time.monotonic() - started
         with grpc.insecure_channel(target) as channel:
             alive = serving(channel)
@@ -472,8 +511,16 @@ def main(argv: list[str] | None = None) -> int:
               f"hangs over {DEADLINE_S:.0f} s {hangs}; health after: "
               f"{'SERVING' if alive else 'NOT SERVING'}")
         if process:
-            print(f"server RSS {rss_before / 2**20:.0f} MiB before, "
-                  f"{_rss(process.pid) / 2**20:.0f} MiB after")
+            ended = _rss(process.pid)
+            time.sleep(SETTLE_S)
+            settled = _rss(process.pid)
+            # The first cases warm the server up (first calls of each path, the target
+            # cache filling to its --target-cache-mb): growth is judged from WARMUP_CASES on.
+            warm = marks.get(WARMUP_CASES, rss_before)
+            print(f"server RSS {rss_before / 2**20:.0f} MiB before, {warm / 2**20:.0f} MiB "
+                  f"after {WARMUP_CASES} cases, {ended / 2**20:.0f} MiB at the end, "
+                  f"{settled / 2**20:.0f} MiB {SETTLE_S} s later "
+                  f"({100 * (settled - warm) / warm:+.1f} % from {WARMUP_CASES} cases)")
         for case in bad[:10]:
             print("bad case:", case)
         return 0 if alive and not bad else 1

@@ -70,11 +70,11 @@ class WithheldCall:
     """A gRPC call over a raw HTTP/2 connection that sends all of a message but its last
     byte, honouring flow control, then waits for the server to end the stream."""
 
-    def __init__(self, port: int, message: bytes, token: str | None):
+    def __init__(self, port: int, message: bytes, token: str | None, path: str = STYLIZE):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.payload = b"\x00" + struct.pack(">I", len(message)) + message
         headers = b"".join(_literal(k, v) for k, v in (
-            (":method", "POST"), (":scheme", "http"), (":path", STYLIZE),
+            (":method", "POST"), (":scheme", "http"), (":path", path),
             (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
             ("te", "trailers"), *((("authorization", f"Bearer {token}"),) if token else ())))
         self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0)

@@ -75,8 +75,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: A decoder with :func:`gramstyle.images.load_image`'s signature (the gRPC service passes
+#: :meth:`gramstyle.decode_process.DecodePool.load_image`, which decodes large images in a
+#: child process it kills when ``check`` raises).
+Decode = Callable[..., Image.Image]
+
+
 def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_pixels: int,
-          check: Callable[[float], None] | None = None) -> list[Image.Image]:
+          check: Callable[[float], None] | None = None, decode: Decode = load_image
+          ) -> list[Image.Image]:
     """Decode one source or a sequence of them; errors name ``field[i]``. ``check`` runs
     between the decoding steps of each image (see :func:`gramstyle.images.load_image`)."""
     if sources is None:
@@ -84,12 +91,13 @@ def _load(sources: Sequence[ImageSource] | ImageSource | None, field: str, max_p
     if isinstance(sources, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(
             sources, "__fspath__"):
         sources = [sources]
-    return [load_image(s, f"{field}[{i}]", max_pixels, check=check)
+    return [decode(s, f"{field}[{i}]", max_pixels, check=check)
             for i, s in enumerate(sources)]
 
 
 def _load_masks(sources: Sequence[ImageSource | None] | None, field: str, max_pixels: int,
-                check: Callable[[float], None] | None = None) -> list[Image.Image | None]:
+                check: Callable[[float], None] | None = None, decode: Decode = load_image
+                ) -> list[Image.Image | None]:
     """Decode optional masks, one per style (None, or empty bytes as on the wire: no mask
     for that style); errors name ``field[i]``. None or an empty sequence: no masks at all."""
     if sources is None:
@@ -99,8 +107,7 @@ def _load_masks(sources: Sequence[ImageSource | None] | None, field: str, max_pi
         raise FieldError(field, f"give a sequence with one mask per style image (None for "
                          f"a style without one), not a single {type(sources).__name__}")
     entry = input_named(field)
-    return [None if skipped(entry, s) else load_image(s, f"{field}[{i}]", max_pixels,
-                                                       check=check)
+    return [None if skipped(entry, s) else decode(s, f"{field}[{i}]", max_pixels, check=check)
             for i, s in enumerate(sources)]
 
 
@@ -228,6 +235,7 @@ class StyleTransfer:
         should_stop: Callable[[], bool] | None = None,
         style_mask: Sequence[ImageSource | None] | None = None,
         style_source_mask: Sequence[ImageSource | None] | None = None,
+        decode: Decode = load_image,
     ) -> StylizeResult:
         """Optimise an image so its features match ``content`` and its Grams match ``style``.
 
@@ -252,6 +260,8 @@ class StyleTransfer:
                 mask applies everywhere, as without masks.
             style_source_mask: likewise, one source mask per style image: the part of the
                 style image its statistics are taken from (same aspect ratio as it).
+            decode: decodes each image (:data:`Decode`); the gRPC service's decodes large
+                images in a child process that is killed once ``should_stop`` says stop.
 
         Returns:
             The output image (the content image's aspect ratio, long side ``options.size``)
@@ -262,15 +272,16 @@ class StyleTransfer:
         started = time.perf_counter()
         options = self.validate(options)
         check = _checker(should_stop)
-        contents = _load(content, "content", self.max_pixels, check)
-        styles = _load(style, "style", self.max_pixels, check)
-        region_masks = _load_masks(style_mask, REGION_FIELD, self.max_pixels, check)
-        source_masks = _load_masks(style_source_mask, SOURCE_FIELD, self.max_pixels, check)
+        contents = _load(content, "content", self.max_pixels, check, decode)
+        styles = _load(style, "style", self.max_pixels, check, decode)
+        region_masks = _load_masks(style_mask, REGION_FIELD, self.max_pixels, check, decode)
+        source_masks = _load_masks(style_source_mask, SOURCE_FIELD, self.max_pixels, check,
+                                   decode)
         if init_image is not None:
             if options.init not in (None, "image"):
                 raise FieldError("init_image", f"given, but init is {options.init!r}; set "
                                  f"init to 'image' (or leave it unset) to start from it")
-            init_image = load_image(init_image, "init_image", self.max_pixels, check=check)
+            init_image = decode(init_image, "init_image", self.max_pixels, check=check)
 
         def objective_at(size: int) -> Objective:
             return Objective.build(self.network(options.precision), contents, styles,
@@ -301,6 +312,7 @@ class StyleTransfer:
         should_stop: Callable[[], bool] | None = None,
         style_mask: Sequence[ImageSource | None] | None = None,
         style_source_mask: Sequence[ImageSource | None] | None = None,
+        decode: Decode = load_image,
     ) -> LossReport:
         """Loss terms of ``candidate`` against the targets, without optimising.
 
@@ -308,12 +320,12 @@ class StyleTransfer:
         ``max(H, W)`` times the style scale. With ``gradient=True`` the report carries
         d total / d pixel as float32 [3, H, W] (pixels RGB in [0, 1]). The candidate's size
         is checked against ``max_size`` from its header, before it is decoded.
-        ``should_stop``, ``style_mask`` and ``style_source_mask`` work as in
+        ``should_stop``, ``style_mask``, ``style_source_mask`` and ``decode`` work as in
         :meth:`stylize` (region masks are resized to the candidate).
         """
         started = time.perf_counter()
         check = _checker(should_stop)
-        image = load_image(candidate, "candidate", self.max_pixels, max_side=self.max_size,
+        image = decode(candidate, "candidate", self.max_pixels, max_side=self.max_size,
                            check=check)
         # The candidate's long side stands in for `size` (the style scale is checked against
         # it); options validated with that size already (the service's) are used as they are.
@@ -322,13 +334,14 @@ class StyleTransfer:
             options = dataclasses.replace(options or StyleOptions(), size=side)
         options = self.validate(options)
         objective = Objective.build(
-            self.network(options.precision), _load(content, "content", self.max_pixels, check),
-            _load(style, "style", self.max_pixels, check), options, size=image.size,
+            self.network(options.precision),
+            _load(content, "content", self.max_pixels, check, decode),
+            _load(style, "style", self.max_pixels, check, decode), options, size=image.size,
             output_field="candidate", cache=self.target_cache, model_key=self.model_key,
             check=check, keep_pixels=False,
-            style_masks=_load_masks(style_mask, REGION_FIELD, self.max_pixels, check),
+            style_masks=_load_masks(style_mask, REGION_FIELD, self.max_pixels, check, decode),
             style_source_masks=_load_masks(style_source_mask, SOURCE_FIELD, self.max_pixels,
-                                           check))
+                                           check, decode))
         x = to_tensor(image, self.device).requires_grad_(gradient)
         grad = None
         with torch.set_grad_enabled(gradient):

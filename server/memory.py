@@ -11,7 +11,9 @@ feature map of C channels is C * P * element size, 4 bytes for fp32 and 2 for bf
 
 - **images**: the encoded bytes (the request holds them, and a copy is taken), every decoded
   image kept as RGB (Pillow stores 4 bytes per pixel) for the whole run, and the largest
-  one's decoding transient (its native mode, rotation, conversion, the cache digest);
+  one's decoding transient (its native mode, rotation, conversion, the cache digest; for
+  an image decoded in a child process, the child's copy of the bytes and the pixels' trip
+  back through the pipe);
 - **targets**: the resized copies of the inputs as float tensors (kept), as each input's
   declaration says (:data:`gramstyle.inputs.MEMORY`: the content images at the output
   size, the style images at their style size), the resize and conversion transients of one
@@ -54,6 +56,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from gramstyle.decode_process import DEFAULT_IN_PROCESS_PIXELS
 from gramstyle.engine.optimise import LBFGS_HISTORY  # pairs kept, each two copies of the image
 from gramstyle.engine.tiles import receptive_field
 from gramstyle.images import ImageHeader, decoded_bytes
@@ -258,17 +261,21 @@ def _held(images: Mapping[str, Sequence[ImageHeader]], encoded: int, message: in
     headers = [h for each in images.values() for h in each]
     held = (MESSAGE_COPIES * message + 2 * encoded
             + sum(METADATA_COPIES * h.metadata_bytes + _PIL_RGB * h.pixels for h in headers))
-    return held, _decoding(headers)
+    return held, _decoding(headers, encoded)
 
 
-def _decoding(headers: Sequence[ImageHeader]) -> int:
+def _decoding(headers: Sequence[ImageHeader], encoded: int = 0) -> int:
     """Transient bytes of decoding the largest image: its native pixels and a rotated copy,
     the conversion to RGB (16-bit and float go through two float copies and 8 bits; alpha
     and palettes are composited on white: three RGBA copies) and the target cache's digest
-    of the pixels (3 bytes per pixel)."""
+    of the pixels (3 bytes per pixel). An image decoded in a child process
+    (:mod:`gramstyle.decode_process`: over ``DEFAULT_IN_PROCESS_PIXELS``) adds the child's
+    copy of its encoded bytes (at most ``encoded``, all of the request's) and the RGB bytes
+    on both ends of the pipe (3 bytes per pixel each)."""
     def cost(h: ImageHeader) -> int:
         converts = 16 if h.mode in _WIDE_MODES else 8
-        return 2 * decoded_bytes(h) + (converts + 3) * h.pixels
+        child = encoded + 6 * h.pixels if h.pixels > DEFAULT_IN_PROCESS_PIXELS else 0
+        return 2 * decoded_bytes(h) + (converts + 3) * h.pixels + child
     return max(map(cost, headers), default=0)
 
 

@@ -16,10 +16,14 @@ on the :class:`~gramstyle.server.admission.WorkQueue`'s worker threads:
    "auto" is resolved here: off when the untiled run fits, else the largest tile that
    does; refused only when even the smallest tile does not). A caller's
    mistake is INVALID_ARGUMENT even while the server is saturated, and never costs a slot.
-   Header parsing runs on a small thread pool, off the event loop.
+   Header parsing runs on a small thread pool, off the event loop, each thread handing
+   the bytes to a child process (:meth:`gramstyle.decode_process.DecodePool.probe_image`):
+   no header holds the interpreter, and a probe is killed at the caller's deadline.
 2. **Admission**: the job is queued by count and by memory, or refused at once with
    RESOURCE_EXHAUSTED.
-3. **The job** decodes, computes and encodes the answer on a worker thread; progress
+3. **The job** decodes, computes and encodes the answer on a worker thread (an image of
+   over a megapixel is decoded in a child process of a bounded pool, killed when the call
+   ends: :mod:`gramstyle.decode_process`); progress
    messages reach the handler through a bounded relay (a caller that reads more slowly than
    the job reports loses intermediate progress messages, never the result, and never
    blocks the worker).
@@ -46,11 +50,12 @@ import grpc
 
 import gramstyle
 from gramstyle import codec
+from gramstyle.decode_process import DecodePool
 from gramstyle.engine.optimise import LBFGS_HISTORY
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
 from gramstyle.errors import FieldError, ModelNotLoaded, QueueFull, ShuttingDown
-from gramstyle.images import ImageHeader, probe_image
+from gramstyle.images import ImageHeader
 from gramstyle.inputs import check_order, input_named, skipped
 from gramstyle.options import MAX_ITERATIONS, StyleOptions, default_within, preview
 from gramstyle.results import ModelInfo, ServerInfo
@@ -71,6 +76,8 @@ GRADIENT_BYTES_PER_PIXEL = 12
 #: Room in a response message for what is not the gradient (losses, per-layer maps, names).
 RESPONSE_MARGIN_BYTES = 64 * 2**10
 
+#: Threads (and child processes) that read image headers.
+PROBE_THREADS = 2
 #: Progress messages held for a caller that reads slowly; older ones are dropped.
 RELAY_LIMIT = 16
 
@@ -145,13 +152,16 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         max_request_memory: the largest peak-memory estimate (bytes) a request may have
             (None: the queue's memory budget, or no limit).
         on_iterations: called with the number of iterations each Stylize ran (metrics).
+        decoder: decodes the jobs' images; default: a :class:`DecodePool` with one process
+            per worker, so a large decode is killed when its call ends (deadline, cancel).
     """
 
     def __init__(self, engines: Sequence[StyleTransfer], work: WorkQueue, *,
                  max_iterations: int = MAX_ITERATIONS, max_message_bytes: int = 0,
                  result_chunk_bytes: int = codec.RESULT_CHUNK_BYTES,
                  max_images: int = DEFAULT_MAX_IMAGES, max_request_memory: int | None = None,
-                 on_iterations: Callable[[int], None] | None = None):
+                 on_iterations: Callable[[int], None] | None = None,
+                 decoder: DecodePool | None = None):
         if not engines:
             raise FieldError("engines", "at least one loaded model is needed")
         if max_images < 1:
@@ -173,10 +183,19 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         # Header parsing is quick but proportional to the message (up to its size limit of
         # metadata chunks): off the event loop, on a pool small enough not to compete with
         # the workers.
-        self._headers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gramstyle-headers")
+        self._headers = ThreadPoolExecutor(max_workers=PROBE_THREADS,
+                                           thread_name_prefix="gramstyle-headers")
+        # A worker decodes one image at a time: one process each is enough.
+        self.decoder = (decoder or DecodePool(work.workers)).start()
+        # The headers are parsed in child processes too, one per header thread: Pillow parses
+        # PNG chunks in Python, and a probe in this process would hold the interpreter (and
+        # so the event loop, health included) for as long as it runs.
+        self.prober = DecodePool(PROBE_THREADS, in_process_pixels=0).start()
 
     def close(self) -> None:
         self._headers.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
+        self.prober.close()
 
     def select(self, arch: str, weights: str) -> StyleTransfer:
         """The loaded engine for (arch, weights); empty strings match anything."""
@@ -283,7 +302,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
     async def _headers_of(self, fn: Callable[[Callable[[], bool]], Any], context: Any) -> Any:
         """``fn(stopped)`` (which reads image headers) on the header pool, off the event loop.
         ``stopped()`` turns true at the caller's deadline or when it leaves, so that a probe
-        of many images stops there (one image's probe is bounded by images.check_structure);
+        of many images stops there (one image's probe is killed in its child process);
         a probe still waiting for a pool thread then never starts."""
         gone = threading.Event()
         remaining = context.time_remaining()
@@ -305,6 +324,10 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         entry (:func:`gramstyle.inputs.skipped`: a style without a mask) has no header.
         Raises Cancelled once ``stopped()`` (the caller's deadline passed, or it left)."""
         headers: dict[str, list[ImageHeader]] = {}
+
+        def check(_: float) -> None:
+            if stopped():
+                raise Cancelled("the call ended while its image headers were read")
         for entry in check_order(rpc):
             if not entry.probed or entry.name not in images:
                 continue
@@ -314,9 +337,9 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
                     continue
                 if stopped():
                     raise Cancelled("the call ended while its image headers were read")
-                headers[entry.name].append(probe_image(
+                headers[entry.name].append(self.prober.probe_image(
                     data, entry.error_field(i), engine.max_pixels,
-                    max_side=engine.max_size if entry.sets_size else None))
+                    max_side=engine.max_size if entry.sets_size else None, check=check))
         return headers
 
     def _submit(self, job: Callable[[], Any], estimate: memory.Estimate) -> Future:
@@ -359,7 +382,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
             result = engine.stylize(
                 **codec.engine_images(request), options=options, preview=request.preview,
                 progress=lambda p: relay.put(codec.progress_message(p, fmt)),
-                should_stop=stop.is_set)
+                should_stop=stop.is_set, decode=self.decoder.load_image)
             if self._on_iterations is not None:
                 self._on_iterations(result.iterations)
             # Encoded (and cut into chunks when large) here, off the event loop.
@@ -423,7 +446,7 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         def job() -> pb.ComputeLossesResponse:
             report = engine.compute_losses(
                 **codec.engine_images(request), options=options, gradient=request.gradient,
-                should_stop=stop.is_set)
+                should_stop=stop.is_set, decode=self.decoder.load_image)
             return codec.loss_report_message(report)
 
         try:
