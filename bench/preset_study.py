@@ -234,7 +234,7 @@ def report(args: argparse.Namespace) -> None:
     for group in args.groups.split(","):
         labels = [label for label, _, _ in GROUPS[group]]
         keys = [_key(args.size, args.iterations, pair, label) for label in labels
-                for pair in PAIRS]
+                for pair in PAIRS[:args.pairs]]
         rows = [{**records[k], "label": k.rsplit("/", 1)[1]} for k in keys if k in records]
         if not rows:
             continue
@@ -270,12 +270,13 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _command(record: dict[str, Any]) -> list[str]:
-    """The CLI command of a run, in three short lines (the network flags said once, in the
-    docs)."""
+    """The CLI command of a run, in four short lines; $C and $S are the shared content and
+    style folders, and the network flags (``--arch vgg16 --weights $W``) are said once, in
+    the caption."""
     return [f"gramstyle stylize --preset {record['preset']}",
-            f" --content {record['content']}",
-            f" --style {record['style']}",
-            f" --size {record['size']} --iterations {record['iterations_cap']}"]
+            f"  --content $C/{record['content']}",
+            f"  --style $S/{record['style']}",
+            f"  --size {record['size']} --iterations {record['iterations_cap']}"]
 
 
 def sheet(args: argparse.Namespace) -> None:
@@ -299,7 +300,7 @@ def sheet(args: argparse.Namespace) -> None:
         grid = [[(pair, label) for label in labels] for pair in pairs]
         header = labels
     width, gap, line = args.tile, 6, 13
-    font = _font(11)
+    font = _font(11 if args.commands else 10)
     rows = []
     for row in grid:
         tiles = []
@@ -314,7 +315,7 @@ def sheet(args: argparse.Namespace) -> None:
             else:
                 m = record["measured"]
                 caption = [label.replace("style_layer_weights=", "layer weights "),
-                           f"stroke {m['stroke_px']:.1f} px, content {m['content']:.2f}"]
+                           f"stroke {m['stroke_px']:.1f}px content {m['content']:.2f}"]
             tiles.append((image, caption))
         rows.append(tiles)
     head = 22 if header else 0
