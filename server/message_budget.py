@@ -129,6 +129,28 @@ class MessageBudget:
                 self._change(-self.receipt)
             raise
 
+    async def _end_of_stream(self, requests: AsyncIterator[Any], context: Any,
+                             deadline: float) -> None:
+        """Read the caller's half-close after its one message (a unary client sends it with
+        the message). Why: grpc.aio's request iterator is a generator suspended at the
+        ``yield`` of the message it handed out, and it keeps that message -- up to the
+        message limit -- alive from C-level call state long after the call ended (measured:
+        16 refused 60 MiB requests held +1.2 GiB for over 30 s). Run to its end, the
+        generator drops it. A second message is a protocol violation."""
+        try:
+            extra = await asyncio.wait_for(
+                anext(requests), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:  # noqa: UP041 -- Python 3.10
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request stream not closed within {self.arrival_timeout_s:g} s of its start "
+                f"(the server's --message-timeout); a unary call sends one message")
+        del extra
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "request: a unary call carries exactly one request message")
+
     @contextlib.asynccontextmanager
     async def receive(self, requests: AsyncIterator[Any], context: Any
                       ) -> AsyncIterator[Any]:
@@ -159,6 +181,7 @@ class MessageBudget:
             if request is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     "request: the call ended before its request message")
+            await self._end_of_stream(requests, context, deadline)
             size = RECEIVE_FACTOR * request.ByteSize() if hasattr(request, "ByteSize") else 0
             self._change(size - held)  # the receipt's buffers are gone; the request stays
             held = size

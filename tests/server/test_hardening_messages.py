@@ -276,3 +276,43 @@ def test_refused_requests_free_their_memory_at_once(random_engine, tmp_path, tok
             gc.enable()
         assert leaked == []
         assert server.messages.reserved == 0
+
+
+def test_a_served_request_is_not_kept_alive_after_its_call(random_engine):
+    """grpc.aio's request iterator is a generator suspended at the ``yield`` of the message
+    it handed out; unless it is run to its end (the caller's half-close), it keeps the
+    message alive from C-level call state -- no referrer that the garbage collector sees,
+    so a collection doesn't free it. Measured before the fix: 16 refused 60 MiB requests
+    kept +1.2 GiB for over 30 s. Here: after refused calls end, no request is alive."""
+    with build_server([random_engine]) as server, _channel(server.port) as channel:
+        stub = pb_grpc.StyleTransferServiceStub(channel)
+        payload = _request(b"\x89PNG\r\n\x1a\n" + bytes(2 * MiB))  # a corrupt PNG
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Stylize(payload, timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        del payload
+        deadline = time.monotonic() + 2.0
+        while True:
+            gc.collect()
+            alive = [o for o in gc.get_objects() if type(o) is pb.StylizeRequest]
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert alive == [], f"{len(alive)} refused requests still alive"
+        assert server.messages.reserved == 0
+
+
+def test_a_second_message_on_a_unary_method_is_refused(random_engine):
+    """A unary method carries one request message; a raw stream sending two is refused
+    (the server reads the stream to its end to free the first)."""
+    with build_server([random_engine]) as server, _channel(server.port) as channel:
+        request = _request(_png(48))
+        call = channel.stream_stream(
+            STYLIZE, request_serializer=pb.StylizeRequest.SerializeToString,
+            response_deserializer=pb.StylizeResponse.FromString)(iter([request, request]),
+                                                                 timeout=30)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exactly one request message" in info.value.details()
