@@ -286,7 +286,9 @@ def test_a_served_request_is_not_kept_alive_after_its_call(random_engine):
     kept +1.2 GiB for over 30 s. Here: after refused calls end, no request is alive."""
     with build_server([random_engine]) as server, _channel(server.port) as channel:
         stub = pb_grpc.StyleTransferServiceStub(channel)
-        payload = _request(b"\x89PNG\r\n\x1a\n" + bytes(2 * MiB))  # a corrupt PNG
+        # A corrupt PNG of a size no other test uses, so that only these requests are counted.
+        payload = _request(b"\x89PNG\r\n\x1a\n" + bytes(2 * MiB + 12345))
+        size = payload.ByteSize()
         for _ in range(3):
             with pytest.raises(grpc.RpcError) as info:
                 list(stub.Stylize(payload, timeout=30))
@@ -295,7 +297,8 @@ def test_a_served_request_is_not_kept_alive_after_its_call(random_engine):
         deadline = time.monotonic() + 2.0
         while True:
             gc.collect()
-            alive = [o for o in gc.get_objects() if type(o) is pb.StylizeRequest]
+            alive = [o for o in gc.get_objects()
+                     if type(o) is pb.StylizeRequest and o.ByteSize() == size]
             if not alive or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
