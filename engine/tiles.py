@@ -141,6 +141,19 @@ def plan(height: int, width: int, tile: int, field: Field) -> list[Tile]:
             for c, d, tc, td in _spans(width, side, field.halo)]
 
 
+#: Pass 1 (no autograd graph) runs on tiles this many times the side of pass 2's: a no-grad
+#: pass keeps only the maps in flight, about a quarter of what a pass with a graph and its
+#: backward keep per pixel (:mod:`gramstyle.engine.footprint`), and fewer, larger tiles
+#: read less halo. The interiors still partition the image, so the sums are the same.
+FIRST_PASS_SCALE = 2
+
+
+def first_pass_tile(tile: int) -> int:
+    """The tile side (px) pass 1 of :func:`evaluate_terms` uses when pass 2 uses ``tile``:
+    ``FIRST_PASS_SCALE`` times it."""
+    return FIRST_PASS_SCALE * tile
+
+
 def _tv_sums(pixels: torch.Tensor, tile: Tile, height: int, width: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of squared vertical and horizontal neighbour differences of the pairs whose
@@ -259,8 +272,14 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     gram_sums: dict[str, torch.Tensor] = {}
     squares = {n: torch.zeros((), device=x.device) for n in content}
     dy = dx = torch.zeros((), device=x.device)
-    for t, pixels, crops in interiors(ex, x.detach(), layers, tile, objective.precision,
-                                      check):
+    # Without pass 2 (no gradient wanted) pass 1 is all there is: it keeps ``tile``.
+    wanted = torch.is_grad_enabled() and x.requires_grad
+    first = first_pass_tile(tile) if wanted else tile
+    count = len(plan(height, width, first, receptive_field(ex, layers)))
+    for index, (t, pixels, crops) in enumerate(interiors(ex, x.detach(), layers, first,
+                                                         objective.precision, check)):
+        if objective.on_tile is not None:
+            objective.on_tile(1, index + 1, count)
         for name in style:
             f = crops[name][0]
             if not f.numel():  # a last interior under one stride of this layer
@@ -286,7 +305,7 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     total = (objective.content_weight * content_total + objective.style_weight * style_total
              + objective.tv_weight * tv)
     terms = LossTerms(total, content_total, style_total, tv, content_layers, style_layers)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not wanted:
         return total, terms
     grad = _gradient(objective, x, tile, residuals)
     total = _WithGradient.apply(x, total, grad)
@@ -316,9 +335,12 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
     tv_dy = objective.tv_weight / (3 * (height - 1) * width) if height > 1 else 0.0
     tv_dx = objective.tv_weight / (3 * height * (width - 1)) if width > 1 else 0.0
     grad = torch.zeros_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
-    for t in plan(height, width, tile, field):
+    tiles = plan(height, width, tile, field)
+    for index, t in enumerate(tiles):
         if objective.check is not None:
             objective.check()  # polls at once, between tiles (see interiors)
+        if objective.on_tile is not None:
+            objective.on_tile(2, index + 1, len(tiles))
         pixels = x.detach()[:, :, t.ty0:t.ty1, t.tx0:t.tx1].clone().requires_grad_(True)
         with torch.enable_grad():
             with autocast(x.device, objective.precision):
@@ -343,5 +365,5 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
     return grad
 
 
-__all__ = ["Field", "Tile", "evaluate_terms", "feature_maps", "grams", "interiors", "plan",
-           "receptive_field"]
+__all__ = ["FIRST_PASS_SCALE", "Field", "Tile", "evaluate_terms", "feature_maps",
+           "first_pass_tile", "grams", "interiors", "plan", "receptive_field"]
