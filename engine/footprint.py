@@ -200,7 +200,7 @@ def _tiled_network(extractor: nn.Module, options: StyleOptions, content: bool, s
               *(options.style_layers if style else ())]
     tile = tile_pixels(options.tile)
     # Pass 1 runs on larger tiles than pass 2 (first_pass_tile) when a gradient is wanted.
-    first = first_pass_tile(tile) if gradient else tile
+    first = first_pass_tile(tile, options.precision) if gradient else tile
     network = _forward_peak(extractor, layers, *_tile_input(extractor, layers, first, width,
                                                             height), element)
     if gradient:

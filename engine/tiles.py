@@ -141,17 +141,19 @@ def plan(height: int, width: int, tile: int, field: Field) -> list[Tile]:
             for c, d, tc, td in _spans(width, side, field.halo)]
 
 
-#: Pass 1 (no autograd graph) runs on tiles this many times the side of pass 2's: a no-grad
-#: pass keeps only the maps in flight, about a quarter of what a pass with a graph and its
-#: backward keep per pixel (:mod:`gramstyle.engine.footprint`), and fewer, larger tiles
-#: read less halo. The interiors still partition the image, so the sums are the same.
-FIRST_PASS_SCALE = 2
+#: Pass 1 (no autograd graph) runs on tiles this many times the side of pass 2's, by
+#: precision: a no-grad pass keeps only the maps in flight, less than a pass with a graph
+#: and its backward keep, so fewer, larger tiles (reading less halo) fit in the same
+#: memory. The factors keep pass 1's estimated peak below pass 2's
+#: (:mod:`gramstyle.engine.footprint`; VGG16/19, tiles of 128 to 512 px: at most 0.96 of
+#: it in bf16, 1.03 in fp32). The interiors still partition the image: the same sums.
+FIRST_PASS_SCALE = {"bf16": 2.0, "fp32": 1.5}
 
 
-def first_pass_tile(tile: int) -> int:
-    """The tile side (px) pass 1 of :func:`evaluate_terms` uses when pass 2 uses ``tile``:
-    ``FIRST_PASS_SCALE`` times it."""
-    return FIRST_PASS_SCALE * tile
+def first_pass_tile(tile: int, precision: str = "fp32") -> int:
+    """The tile side (px) pass 1 of :func:`evaluate_terms` uses when pass 2 uses ``tile``,
+    in ``precision`` ('fp32' or 'bf16'): ``FIRST_PASS_SCALE`` times it."""
+    return int(FIRST_PASS_SCALE.get(precision, 1.0) * tile)
 
 
 def _tv_sums(pixels: torch.Tensor, tile: Tile, height: int, width: int
@@ -274,7 +276,7 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     dy = dx = torch.zeros((), device=x.device)
     # Without pass 2 (no gradient wanted) pass 1 is all there is: it keeps ``tile``.
     wanted = torch.is_grad_enabled() and x.requires_grad
-    first = first_pass_tile(tile) if wanted else tile
+    first = first_pass_tile(tile, objective.precision) if wanted else tile
     count = len(plan(height, width, first, receptive_field(ex, layers)))
     for index, (t, pixels, crops) in enumerate(interiors(ex, x.detach(), layers, first,
                                                          objective.precision, check)):

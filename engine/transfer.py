@@ -236,7 +236,9 @@ class StyleTransfer:
                  gradient: bool | None = None) -> StyleOptions:
         """``options`` with ``tile`` "auto" resolved for these decoded ``inputs`` ("content"
         and "style", and "candidate" for a ComputeLosses with ``gradient`` True or False;
-        None: a Stylize): "off" when the untiled run's estimate
+        None: a Stylize -- :meth:`stylize` asks for each scale, as a one-scale run at that
+        scale's size and the full ``iterations``, an upper bound of its optimiser's
+        state): "off" when the untiled run's estimate
         (:mod:`gramstyle.engine.footprint`) fits :meth:`memory_available`, else the largest
         tile whose estimate fits -- or, when none does, the smallest (the engine has no one
         to refuse to: the run may still fit, the estimate being an upper bound). Other
@@ -310,12 +312,15 @@ class StyleTransfer:
                 raise FieldError("init_image", f"given, but init is {options.init!r}; set "
                                  f"init to 'image' (or leave it unset) to start from it")
             init_image = load_image(init_image, "init_image", self.max_pixels, check=check)
-        if not any(m is not None for m in region_masks):  # tiles do not take them (yet)
-            options = self.fit_tile(options, {"content": contents, "style": styles})
+        # tile "auto" is resolved scale by scale: the coarse scales of a big output often fit
+        # untiled, and run faster so. (Tiles do not take region masks yet: those run untiled.)
+        auto = options.tile == "auto" and not any(m is not None for m in region_masks)
 
         def objective_at(size: int) -> Objective:
-            return Objective.build(self.network(options.precision), contents, styles,
-                                   dataclasses.replace(options, size=size),
+            at = options.resolved(options.network, size=size, scales=1)
+            if auto:
+                at = self.fit_tile(at, {"content": contents, "style": styles})
+            return Objective.build(self.network(options.precision), contents, styles, at,
                                    cache=self.target_cache, model_key=self.model_key,
                                    check=check, style_masks=region_masks,
                                    style_source_masks=source_masks)
