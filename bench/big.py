@@ -301,14 +301,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = {"arch": args.arch, "weights": args.weights, "content": args.content,
               "style": args.style, "iterations": args.iterations,
               "memory_gib": args.memory_gib}
-    cases = []
-    for side in sorted(args.sides):
-        if side == min(args.sides):
-            cases.append({**common, "size": side, "tile": args.cost_tile,
-                          "label": f"tile {args.cost_tile}"})
-        if side <= args.untiled_up_to:
-            cases.append({**common, "size": side, "tile": "off", "label": "untiled"})
-        cases.append({**common, "size": side, "tile": "auto", "label": "tiled (auto)"})
+    # Most telling first (a run cut short keeps those): the cost pair at the smallest side,
+    # the automatic runs from the largest side down, then the untiled ones.
+    small = min(args.sides)
+    cases = [{**common, "size": small, "tile": args.cost_tile,
+              "label": f"tile {args.cost_tile}"},
+             {**common, "size": small, "tile": "off", "label": "untiled"}]
+    cases += [{**common, "size": side, "tile": "auto", "label": "tiled (auto)"}
+              for side in sorted(args.sides, reverse=True)]
+    cases += [{**common, "size": side, "tile": "off", "label": "untiled"}
+              for side in sorted(args.sides) if small < side <= args.untiled_up_to]
     args.out.mkdir(parents=True, exist_ok=True)
     args.images.mkdir(parents=True, exist_ok=True)
     name = "big_smoke" if args.smoke else "big"

@@ -59,6 +59,7 @@ from gramstyle.options import (
     MAX_SIZE,
     StyleOptions,
     check_choice,
+    schedule,
 )
 from gramstyle.results import LossReport, Progress, StylizeResult
 
@@ -236,9 +237,8 @@ class StyleTransfer:
                  gradient: bool | None = None) -> StyleOptions:
         """``options`` with ``tile`` "auto" resolved for these decoded ``inputs`` ("content"
         and "style", and "candidate" for a ComputeLosses with ``gradient`` True or False;
-        None: a Stylize -- :meth:`stylize` asks for each scale, as a one-scale run at that
-        scale's size and the full ``iterations``, an upper bound of its optimiser's
-        state): "off" when the untiled run's estimate
+        None: a Stylize -- :meth:`stylize` asks for each scale, as a one-scale run of that
+        scale's size and iterations): "off" when the untiled run's estimate
         (:mod:`gramstyle.engine.footprint`) fits :meth:`memory_available`, else the largest
         tile whose estimate fits -- or, when none does, the smallest (the engine has no one
         to refuse to: the run may still fit, the estimate being an upper bound). Other
@@ -316,8 +316,10 @@ class StyleTransfer:
         # untiled, and run faster so. (Tiles do not take region masks yet: those run untiled.)
         auto = options.tile == "auto" and not any(m is not None for m in region_masks)
 
+        caps = dict(schedule(options.size, options.scales, options.iterations))
+
         def objective_at(size: int) -> Objective:
-            at = options.resolved(options.network, size=size, scales=1)
+            at = options.resolved(options.network, size=size, scales=1, iterations=caps[size])
             if auto:
                 at = self.fit_tile(at, {"content": contents, "style": styles})
             return Objective.build(self.network(options.precision), contents, styles, at,

@@ -42,6 +42,7 @@ def test_seam_ratio_sees_a_tile_grid():
 def test_big_bench_smoke(tmp_path):
     rows = _bench().main(["--smoke", "--out", str(tmp_path), "--images", str(tmp_path)])
     assert [r["label"] for r in rows] == ["tile 32", "untiled", "tiled (auto)"]
+    assert all(r["size"] == 96 for r in rows)
     for row in rows:
         assert row["width"] == 96 and row["height"] == 72
         assert row["peak_mib"] > row["resident_mib"] > 100  # the child's own ru_maxrss
