@@ -321,9 +321,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         add_seams(rows)
         print(json.dumps(row), flush=True)
+        # Written after every configuration: a run cut short keeps what it measured.
         (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    (args.out / f"{name}.md").write_text(table(rows) + "\n")
-    chart(rows, args.out / f"{name}.png")
+        (args.out / f"{name}.md").write_text(table(rows) + "\n")
+        chart(rows, args.out / f"{name}.png")
     print(table(rows))
     return rows
 

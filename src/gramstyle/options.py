@@ -410,8 +410,8 @@ class StyleOptions:
         "pixels a side (rounded down to a multiple of the network's stride), each with a halo "
         "that keeps them exact: the network's memory is bounded by the tile, not the image "
         "(docs/tiling.md); off = the whole image at once; auto = tile only when the untiled "
-        "run would not fit the server's per-request memory limit, with the largest tile that "
-        "fits (in-process, with no memory limit: off)", scope="losses", low=MIN_TILE,
+        "run would not fit the server's per-request memory limit (in-process: the memory "
+        "available, scale by scale), with the largest tile that fits", scope="losses", low=MIN_TILE,
         high="max_size", unit="pixels", metavar="auto|off|PX")
     progress_every: int = option(
         10, "int", "report progress after 0, N, 2N, ... iterations and after the last one",
