@@ -48,6 +48,9 @@ def test_big_bench_smoke(tmp_path):
         assert row["peak_mib"] > row["resident_mib"] > 100  # the child's own ru_maxrss
         assert len(row["scales"]) == 1 and row["scales"][0]["s_per_it"] > 0
         assert math.isfinite(row["loss"])
+        # The engine's estimate is never below the run's own measured peak (VmHWM reset
+        # before the run, over what was resident then), tiled or not.
+        assert row["run_peak_mib"] - row["resident_mib"] <= row["estimate_mib"], row
     tiled, untiled = rows[0], rows[1]
     assert tiled["final_tile"] == 32 and untiled["final_tile"] == 0
     # The same objective: the same loss, and the control shows the same seam measure.
