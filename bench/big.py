@@ -272,6 +272,22 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def gallery(source: Path, out: Path, width: int = 640) -> None:
+    """The README's picture: ``source`` (the 4096 px output) downscaled to ``width`` px
+    wide, and beside it a 1:1 crop of the same height from its centre, as one JPEG."""
+    from PIL import Image
+
+    image = Image.open(source).convert("RGB")
+    small = image.resize((width, round(image.height * width / image.width)),
+                         Image.Resampling.LANCZOS)
+    cx, cy, h = image.width // 2, image.height // 2, small.height
+    crop = image.crop((cx - h // 2, cy - h // 2, cx - h // 2 + h, cy - h // 2 + h))
+    sheet = Image.new("RGB", (small.width + 8 + crop.width, h), "white")
+    sheet.paste(small, (0, 0))
+    sheet.paste(crop, (small.width + 8, 0))
+    sheet.save(out, quality=85)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sides", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -291,8 +307,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=Path, default=Path("/tmp/gramstyle-big"),
                         help="where the outputs go (PNG; big, so not in bench/results)")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--gallery", nargs=2, type=Path, metavar=("PNG", "JPEG"),
+                        help="only make the README picture of an output: downscaled, and a "
+                        "1:1 crop beside it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gallery:
+        gallery(*args.gallery)
+        return []
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return []
