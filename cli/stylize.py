@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 tqdm.write(f"gramstyle: the server failed mid-run (UNAVAILABLE); starting "
                            f"again from iteration 0, attempt {attempt}", file=sys.stderr)
-        bar.update(p.iteration - bar.n)
         at = {"at": p.where} if p.where else {}  # the scale, and the tile of a tiled run
+        # Set before the update, which shows it (a tile report moves no iteration: refresh).
         bar.set_postfix(total=f"{p.losses.total:.4g}", content=f"{p.losses.content:.3g}",
                         style=f"{p.losses.style:.3g}", **at, refresh=bool(p.tiles))
+        bar.update(p.iteration - bar.n)
         if p.image is None or p.tiles:  # a tile report carries the latest iteration's losses
             return
         if args.save_every and p.iteration and p.iteration % args.save_every == 0 \
