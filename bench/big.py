@@ -56,18 +56,20 @@ def crop_4_3(image):
     return image.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch))
 
 
-def seam_ratio(pixels, tile: int, stride: int) -> float:
+def seam_ratio(pixels, tile: int, stride: int, shift: int = 0) -> float:
     """Mean |difference| of neighbouring pixels across the tile borders of a ``tile`` px
-    tiling (:func:`gramstyle.engine.tiles.plan`'s interiors) over the same mean between the
-    other neighbouring pixels; ``pixels``: float [H, W, 3]. NaN for an untiled image."""
+    tiling (:func:`gramstyle.engine.tiles.plan`'s interiors; with ``shift``, those lines
+    moved by that many px) over the same mean between the other neighbouring pixels;
+    ``pixels``: float [H, W, 3]. NaN for an untiled image."""
     import numpy as np
 
     from gramstyle.engine.tiles import _spans
 
     height, width = pixels.shape[:2]
     side = max(stride, tile // stride * stride)
-    rows = [a for a, _, _, _ in _spans(height, side, 0)][1:]  # borders: first rows of tiles
-    cols = [a for a, _, _, _ in _spans(width, side, 0)][1:]
+    rows = [a + shift for a, _, _, _ in _spans(height, side, 0)][1:]  # first rows of tiles
+    cols = [a + shift for a, _, _, _ in _spans(width, side, 0)][1:]
+    rows, cols = [r for r in rows if r < height], [c for c in cols if c < width]
     if not rows and not cols:
         return float("nan")
     dy = np.abs(pixels[1:] - pixels[:-1]).mean(axis=(1, 2))  # pair (y-1, y) at index y-1
@@ -104,12 +106,19 @@ def child(case: dict) -> dict:
     plan = schedule(options.size, options.scales, options.iterations)
     held = 4 * (content.width * content.height + style.width * style.height)
 
+    caps = dict(plan)
+
     def estimate(side: int, tile: int | str):
-        """The engine's estimate of one scale at this side and tile (what fit_tile judged)."""
-        at = options.resolved(options.network, size=side, scales=1, tile=tile)
+        """The engine's estimate of one scale at this side, with its iterations and this
+        tile: what StyleTransfer.fit_tile judged."""
+        at = options.resolved(options.network, size=side, scales=1, iterations=caps[side],
+                              tile=tile)
         return footprint.peak(footprint.stylize_phases(
             engine.extractor, at, {"content": [content], "style": [style]}, held)).total
 
+    if case.get("reestimate"):  # only the estimate of a finished run's scales
+        return {"estimate_mib": max(estimate(s["side"], s["tile"] or "off")
+                                    for s in case["reestimate"]) / 2**20}
     if case["tile"] == "auto":
         engine.memory_limit = int(case["memory_gib"] * 2**30) - resident
     # Each scale's targets are built by Objective.build: time it, and note its tile.
@@ -163,8 +172,11 @@ def child(case: dict) -> dict:
 
 def add_seams(rows: list[dict]) -> None:
     """Set each row's ``seam_ratio`` (:func:`seam_ratio`) at the tile grid of its own final
-    scale, and for an untiled row, as a control, at the grid of the tiled run of the same
-    side (NaN where there is none)."""
+    scale -- for an untiled row, as a control, at the grid of a tiled run of the same side
+    (NaN where there is none) -- and ``seam_control``: the median of the same ratio at that
+    grid shifted by 1/8, 2/8, ... 7/8 of a tile, lines that are no tile border (the output's
+    own texture: an output upsampled from a small content image varies with the phase of
+    its upsampling)."""
     import numpy as np
     from PIL import Image
 
@@ -178,6 +190,8 @@ def add_seams(rows: list[dict]) -> None:
             continue
         pixels = np.asarray(Image.open(row["save"]).convert("RGB"), dtype=np.float32) / 255
         row["seam_ratio"] = seam_ratio(pixels, tile, row["stride"])
+        row["seam_control"] = float(np.median(
+            [seam_ratio(pixels, tile, row["stride"], shift=tile * k // 8) for k in range(1, 8)]))
 
 
 def run(case: dict, timeout: float) -> dict:
@@ -219,7 +233,8 @@ def table(rows: list[dict]) -> str:
         sched = ", ".join(f"{s['side']}: {s['iterations']}" for s in r["scales"])
         speeds = " / ".join(f"{s['s_per_it']:.1f}" for s in r["scales"])
         seam = ("-" if r["seam_ratio"] != r["seam_ratio"]
-                else f"{r['seam_ratio']:.3f} (grid {r['seam_tile']})")
+                else f"{r['seam_ratio']:.3f} (grid {r['seam_tile']}; shifted "
+                     f"{r['seam_control']:.3f})")
         lines.append(f"| {r['width']}x{r['height']} | {r['megapixels']:.1f} | {r['label']} | "
                      f"{sched} | {_tiles(r)} | {speeds} | {r['wall_s']:.0f} | "
                      f"{r['peak_mib']:.0f} | {r['run_peak_mib'] - r['resident_mib']:.0f} | "
@@ -272,6 +287,26 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def reestimate(out: Path, name: str) -> list[dict]:
+    """Recompute the estimate of every row of ``out/name.json`` (in a child process, as the
+    run did), its seam measures, and the table and chart."""
+    rows = json.loads((out / f"{name}.json").read_text())
+    for row in rows:
+        case = {k: row[k] for k in ("arch", "weights", "content", "style", "iterations",
+                                    "size", "tile")}
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        proc = subprocess.run([sys.executable, __file__, "--child",
+                               json.dumps({**case, "reestimate": row["scales"]})],
+                              capture_output=True, text=True, env=env, check=True)
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    add_seams(rows)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.md").write_text(table(rows) + "\n")
+    chart(rows, out / f"{name}.png")
+    print(table(rows))
+    return rows
+
+
 def gallery(source: Path, out: Path, width: int = 640) -> None:
     """The README's picture: ``source`` (the 4096 px output) downscaled to ``width`` px
     wide, and beside it a 1:1 crop of the same height from its centre, as one JPEG."""
@@ -310,11 +345,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gallery", nargs=2, type=Path, metavar=("PNG", "JPEG"),
                         help="only make the README picture of an output: downscaled, and a "
                         "1:1 crop beside it")
+    parser.add_argument("--reestimate", metavar="NAME",
+                        help="only recompute the estimates, seams, table and chart of "
+                        "OUT/NAME.json (a finished run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.gallery:
         gallery(*args.gallery)
         return []
+    if args.reestimate:
+        return reestimate(args.out, args.reestimate)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return []
