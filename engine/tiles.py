@@ -347,23 +347,40 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
         with torch.enable_grad():
             with autocast(x.device, objective.precision):
                 feats = ex(pixels, layers, objective.check)
-            # A surrogate: its gradient in the interior features is the whole image's.
-            parts = []
-            for name, loss in content.items():
-                f, r, c = t.crop(feats[name], field.jumps[name])
-                target = loss.target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
-                parts.append(content_coef[name] * (f.float() - target).pow(2).sum())
-            for name in style:
-                f = t.crop(feats[name], field.jumps[name])[0].float().flatten(2)
+            # The whole image's gradient in each layer's interior features, handed to
+            # autograd as that layer's upstream gradient (zero outside the interior): the
+            # content term's 2 w (F - T), the style term's D = w (R + R^T) F. (Seeding the
+            # maps directly, rather than backpropagating a surrogate through crops, spares a
+            # zero-filled map and an addition per crop, and float32 copies of the maps.)
+            outputs, seeds = [], []
+            for name in dict.fromkeys(layers):
+                f = feats[name]
+                r0, r1 = (t.y0 - t.ty0) // field.jumps[name], (t.y1 - t.ty0) // field.jumps[name]
+                c0, c1 = (t.x0 - t.tx0) // field.jumps[name], (t.x1 - t.tx0) // field.jumps[name]
+                inner = f.detach()[:, :, r0:r1, c0:c1]
+                if not inner.numel():  # a last interior under one stride of this layer
+                    continue
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    direction = directions[name] @ f[0]
-                parts.append((f[0] * direction).sum())
+                    inner = inner.float()
+                    seed = torch.zeros_like(inner)
+                    if name in content:
+                        r, c = t.y0 // field.jumps[name], t.x0 // field.jumps[name]
+                        target = content[name].target.mean[:, :, r:r + inner.shape[2],
+                                                           c:c + inner.shape[3]]
+                        seed += 2 * content_coef[name] * (inner - target)
+                    if name in style:
+                        seed += (directions[name] @ inner[0].flatten(1)).view_as(inner)
+                    full = torch.zeros_like(f)
+                    full[:, :, r0:r1, c0:c1] = seed
+                outputs.append(f)
+                seeds.append(full)
             a, b = _tv_sums(pixels, t, height, width)
-            parts.append(tv_dy * a + tv_dx * b)
-            (part,) = torch.autograd.grad(sum(parts), pixels)
+            outputs.append(tv_dy * a + tv_dx * b)
+            seeds.append(torch.ones_like(outputs[-1]))
+            (part,) = torch.autograd.grad(outputs, pixels, seeds)
         grad[:, :, t.ty0:t.ty1, t.tx0:t.tx1] += part
         # This tile's maps and graph go before the next tile runs.
-        feats = parts = part = f = target = direction = None
+        feats = outputs = seeds = part = f = inner = seed = full = target = None
     return grad
 
 
