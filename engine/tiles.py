@@ -12,9 +12,9 @@ matrix of a layer, the content MSE and the TV term. So split the image into tile
   position's features;
 - so two passes give the exact loss and gradient with the network's memory bounded by one
   tile: pass 1, without autograd, accumulates the Grams (and the content and TV sums) over
-  the tiles' interiors; pass 2 runs each tile forward with autograd, takes a surrogate loss
-  whose gradient in the interior features is the whole-image gradient, and backpropagates
-  into the tile. The *whole* tile's input gradient (halo included) is added into the image's
+  the tiles' interiors; pass 2 runs each tile forward with autograd and backpropagates into
+  the tile, from each loss layer's maps, the whole image's gradient in its interior
+  features. The *whole* tile's input gradient (halo included) is added into the image's
   gradient: a halo pixel influences interior features of this tile, and that share of its
   gradient is computed here and nowhere else.
 
