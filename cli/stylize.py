@@ -21,7 +21,7 @@ from gramstyle.cli.flags import (
     load_engine,
 )
 from gramstyle.images import check_output_path, format_for_path, load_image, save_image
-from gramstyle.options import StyleOptions
+from gramstyle.options import StyleOptions, total_iterations
 
 
 def frame_path(output: Path, iteration: int) -> Path:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     options = StyleOptions(**given).validated()
     if not args.content and not args.style:
         raise CLIError("--content/--style: give at least one image")
-    total = options.iterations * options.scales
+    total = total_iterations(options)
     if args.save_every and args.save_every >= total:
         print(f"gramstyle: warning: --save-every {args.save_every} is not below the "
               f"{total} iterations; no frames will be written", file=sys.stderr)
@@ -99,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 tqdm.write(f"gramstyle: the server failed mid-run (UNAVAILABLE); starting "
                            f"again from iteration 0, attempt {attempt}", file=sys.stderr)
-        bar.update(p.iteration - bar.n)
+        at = {"at": p.where} if p.where else {}  # the scale, and the tile of a tiled run
+        # Set before the update, which shows it (a tile report moves no iteration: refresh).
         bar.set_postfix(total=f"{p.losses.total:.4g}", content=f"{p.losses.content:.3g}",
-                        style=f"{p.losses.style:.3g}", refresh=False)
-        if p.image is None:
+                        style=f"{p.losses.style:.3g}", **at, refresh=bool(p.tiles))
+        bar.update(p.iteration - bar.n)
+        if p.image is None or p.tiles:  # a tile report carries the latest iteration's losses
             return
         if args.save_every and p.iteration and p.iteration % args.save_every == 0 \
                 and p.iteration < p.iterations:

@@ -219,6 +219,9 @@ class Objective:
     #: Tile side (px) of the loss and gradient computation, 0 for the whole image at once
     #: (:mod:`gramstyle.engine.tiles`; ``options.tile``).
     tile: int = 0
+    #: Called with (pass, tile, tiles) at each tile of a tiled evaluation: pass 1
+    #: (no graph) or 2 (with one), the 1-based tile and the pass's count (progress reports).
+    on_tile: Callable[[int, int, int], None] | None = field(default=None, repr=False)
     #: Luminance-only transfer (``options.colour == 'luminance'``): the network sees
     #: :func:`~gramstyle.engine.colour.luminance` of ``x``, as its targets were computed.
     luminance: bool = False

@@ -2,9 +2,9 @@
 
     image, losses, run = optimise(objective_at, options, progress=print)
 
-For each scale of the coarse-to-fine pyramid (:func:`gramstyle.options.scale_sizes`): build
+For each scale of the coarse-to-fine schedule (:func:`gramstyle.options.schedule`): build
 the objective at that size, start from the start image (first scale) or the previous result
-upsampled, and take up to ``options.iterations`` L-BFGS or Adam steps, clamping the pixels to
+upsampled, and take up to that scale's iterations of L-BFGS or Adam steps, clamping the pixels to
 [0, 1] after each. A scale ends early when the loss has converged (``options.tolerance``,
 see :class:`Convergence`). Progress is reported, and ``should_stop`` polled, between steps.
 
@@ -36,18 +36,36 @@ from gramstyle.options import (
     CONVERGENCE_CHECK_EVERY,
     CONVERGENCE_WINDOW,
     StyleOptions,
-    scale_sizes,
+    schedule,
 )
 from gramstyle.results import Losses, Progress
 
 #: Called with (iterations done over all scales, losses of the current image, preview).
 Report = Callable[[int, Losses, Image.Image | None], None]
 
+#: Tile-level progress reports (a tiled iteration of a big image takes a minute) come at
+#: most this often, seconds.
+TILE_PROGRESS_INTERVAL_S = 1.0
+
 #: Curvature pairs L-BFGS keeps. 20 reaches the same loss per iteration as 100 (the old
 #: default, torch's and neural-style's) in bench/time_to_quality.py, and each pair is two
 #: image-sized vectors that every update reads twice: 100 pairs made the update a large part of
 #: an iteration and took 6.7 GB at 2048 px (docs/benchmarks.md).
 LBFGS_HISTORY = 20
+#: Bytes the L-BFGS history may take: above 2048 x 2048 px 20 pairs of two image-sized
+#: float32 vectors would take more (6.8 GiB at 4096 x 3072), so big images keep fewer
+#: (:func:`lbfgs_history`; docs/tiling.md, "Optimiser state").
+LBFGS_HISTORY_BYTES = 2 * 2**30
+#: The fewest pairs kept, however big the image.
+LBFGS_MIN_HISTORY = 5
+
+
+def lbfgs_history(pixels: int) -> int:
+    """Curvature pairs L-BFGS keeps for an image of ``pixels`` pixels: ``LBFGS_HISTORY``,
+    or fewer when that many would take more than ``LBFGS_HISTORY_BYTES`` (a pair is two
+    float32 RGB images, 24 bytes per pixel), but at least ``LBFGS_MIN_HISTORY``: 20 up to
+    2048 x 2048, 7 at 4096 x 3072, 5 at 4096 x 4096."""
+    return max(LBFGS_MIN_HISTORY, min(LBFGS_HISTORY, LBFGS_HISTORY_BYTES // (24 * pixels)))
 
 
 @dataclass
@@ -154,10 +172,12 @@ def start_image(objective: Objective, init: str | None, seed: int,
 
 
 def make_optimizer(x: torch.Tensor, options: StyleOptions) -> LBFGS | torch.optim.Optimizer:
-    """L-BFGS (one update per step, history ``LBFGS_HISTORY``, no line search, sync-free) or
-    Adam on ``x``; the learning rate defaults to 1.0 and 0.02 (pixels in [0, 1])."""
+    """L-BFGS (one update per step, history :func:`lbfgs_history`, no line search,
+    sync-free) or Adam on ``x``; the learning rate defaults to 1.0 and 0.02 (pixels in
+    [0, 1])."""
     if options.optimizer == "lbfgs":
-        return LBFGS(x, lr=options.learning_rate or 1.0, history_size=LBFGS_HISTORY)
+        return LBFGS(x, lr=options.learning_rate or 1.0,
+                     history_size=lbfgs_history(x.shape[-2] * x.shape[-1]))
     return torch.optim.Adam([x], lr=options.learning_rate or 0.02)
 
 
@@ -181,37 +201,61 @@ def optimise(
         progress: called after 0 iterations (the start image), every
             ``options.progress_every`` iterations and after the last one; iterations count
             the steps run across all scales (a scale that converges early hands over to
-            the next one sooner), against a total of ``iterations * scales``.
+            the next one sooner), against a total of every scale's cap added up
+            (:func:`gramstyle.options.total_iterations`). Each names its scale; in a tiled
+            run, reports also come from within an iteration, naming the tile pass and the
+            tile (at most one a second, ``TILE_PROGRESS_INTERVAL_S``, with the latest
+            iteration's losses).
         preview: attach the current image (colours preserved if asked) to each Progress.
         should_stop: polled before every step; True raises :class:`Cancelled`.
         started: ``time.perf_counter()`` at the start of the run, for ``elapsed_s``.
     """
     started = time.perf_counter() if started is None else started
-    sizes = scale_sizes(options.size, options.scales)
-    total = options.iterations * len(sizes)
+    plan = schedule(options.size, options.scales, options.iterations)
+    total = sum(n for _, n in plan)
     precision = ""
+    # Where the run is, for the reports: the scale (1-based) and its long side, the latest
+    # losses and iteration reported, and when a tile was last reported.
+    where = {"scale": 0, "size": 0, "done": 0, "losses": None, "tile_at": -float("inf")}
 
     def report(done: int, losses: Losses, image: Image.Image | None) -> None:
+        where["done"], where["losses"] = done, losses
         progress(Progress(done, total, losses, time.perf_counter() - started, image,
-                          precision=precision))
+                          precision=precision, scale=where["scale"], scales=len(plan),
+                          scale_size=where["size"]))
+
+    def on_tile(stage: int, tile: int, tiles: int) -> None:
+        # At most one report a second, and none before the first losses are known.
+        now = time.perf_counter()
+        if where["losses"] is None or now - where["tile_at"] < TILE_PROGRESS_INTERVAL_S:
+            return
+        where["tile_at"] = now
+        progress(Progress(where["done"], total, where["losses"], now - started,
+                          precision=precision, scale=where["scale"], scales=len(plan),
+                          scale_size=where["size"], tile_pass=stage, tile=tile,
+                          tiles=tiles))
 
     x = objective = None
     done, converged = 0, False
-    for size in sizes:
+    for index, (size, iterations) in enumerate(plan):
+        where["scale"], where["size"] = index + 1, size
         objective = objective_at(size)
         precision = objective.precision
+        if progress is not None and objective.tile:
+            objective.on_tile = on_tile
         if x is None:
             x = start_image(objective, options.init, options.seed, init_image)
         else:  # coarse-to-fine: start from the previous scale's result, upsampled
             x = F.interpolate(x.detach(), size=(objective.height, objective.width),
                               mode="bicubic", align_corners=False).clamp(0, 1)
         x = x.detach().contiguous().requires_grad_(True)
-        steps, scale_converged = _steps(objective, x, options, done,
+        steps, scale_converged = _steps(objective, x, options, iterations, done, total,
                                         report if progress is not None else None, preview,
                                         should_stop)
         done += steps
         converged = scale_converged  # the run ends when its last scale does
 
+    objective.on_tile = None  # the final evaluation is not reported tile by tile
     with torch.no_grad():
         final = x.detach().clamp(0, 1)
         _, losses = objective.evaluate(final)
@@ -221,14 +265,16 @@ def optimise(
     return image, losses, Run(done, "converged" if converged else "cap")
 
 
-def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, offset: int,
-           report: Report | None, preview: bool, should_stop: Callable[[], bool] | None
-           ) -> tuple[int, bool]:
-    """Run up to ``options.iterations`` optimiser steps on ``x`` in place; return how many
-    ran and whether the scale converged (see :class:`Convergence`).
+def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, iterations: int,
+           offset: int, total: int, report: Report | None, preview: bool,
+           should_stop: Callable[[], bool] | None) -> tuple[int, bool]:
+    """Run up to ``iterations`` optimiser steps on ``x`` in place (this scale's cap,
+    :func:`gramstyle.options.schedule`); return how many ran and whether the scale converged
+    (see :class:`Convergence`).
 
-    ``offset`` is the number of steps done at coarser scales; progress is reported when the
-    overall count is a multiple of ``options.progress_every``.
+    ``offset`` is the number of steps done at coarser scales, ``total`` the caps of all
+    scales added up; progress is reported when the overall count is a multiple of
+    ``options.progress_every``.
     """
     optimizer = make_optimizer(x, options)
     convergence = Convergence(options.tolerance)
@@ -247,11 +293,10 @@ def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, offset:
             first.append(terms.detach())
         return loss
 
-    for step in range(options.iterations):
+    for step in range(iterations):
         done = offset + step
         if should_stop is not None and should_stop():
-            raise Cancelled(f"stopped after {done} of {options.iterations * options.scales} "
-                            f"iterations", iterations=done)
+            raise Cancelled(f"stopped after {done} of {total} iterations", iterations=done)
         due = report is not None and done % options.progress_every == 0
         # The preview is taken before the step so it matches the losses the step computes.
         image = output_image(x, objective.colours_of) if due and preview else None
@@ -262,7 +307,7 @@ def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, offset:
             x.clamp_(0, 1)
         terms = first[0]  # the losses of the image before the step
         convergence.add(step + 1, terms.total)
-        check = (step + 1) % CONVERGENCE_CHECK_EVERY == 0 or step + 1 == options.iterations
+        check = (step + 1) % CONVERGENCE_CHECK_EVERY == 0 or step + 1 == iterations
         if not (due or check):
             continue
         wanted = terms.tensors() if due else []
@@ -272,4 +317,4 @@ def _steps(objective: Objective, x: torch.Tensor, options: StyleOptions, offset:
             report(done, terms.losses(values[:len(wanted)]), image)
         if converged:
             return step + 1, True
-    return options.iterations, False
+    return iterations, False

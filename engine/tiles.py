@@ -12,9 +12,9 @@ matrix of a layer, the content MSE and the TV term. So split the image into tile
   position's features;
 - so two passes give the exact loss and gradient with the network's memory bounded by one
   tile: pass 1, without autograd, accumulates the Grams (and the content and TV sums) over
-  the tiles' interiors; pass 2 runs each tile forward with autograd, takes a surrogate loss
-  whose gradient in the interior features is the whole-image gradient, and backpropagates
-  into the tile. The *whole* tile's input gradient (halo included) is added into the image's
+  the tiles' interiors; pass 2 runs each tile forward with autograd and backpropagates into
+  the tile, from each loss layer's maps, the whole image's gradient in its interior
+  features. The *whole* tile's input gradient (halo included) is added into the image's
   gradient: a halo pixel influences interior features of this tile, and that share of its
   gradient is computed here and nowhere else.
 
@@ -144,6 +144,21 @@ def plan(height: int, width: int, tile: int, field: Field) -> list[Tile]:
     return [Tile(a, b, c, d, ta, tb, tc, td)
             for a, b, ta, tb in _spans(height, side, field.halo)
             for c, d, tc, td in _spans(width, side, field.halo)]
+
+
+#: Pass 1 (no autograd graph) runs on tiles this many times the side of pass 2's, by
+#: precision: a no-grad pass keeps only the maps in flight, less than a pass with a graph
+#: and its backward keep, so fewer, larger tiles (reading less halo) fit in the same
+#: memory. The factors keep pass 1's estimated peak below pass 2's
+#: (:mod:`gramstyle.engine.footprint`; VGG16/19, tiles of 128 to 512 px: at most 0.96 of
+#: it in bf16, 1.03 in fp32). The interiors still partition the image: the same sums.
+FIRST_PASS_SCALE = {"bf16": 2.0, "fp32": 1.5}
+
+
+def first_pass_tile(tile: int, precision: str = "fp32") -> int:
+    """The tile side (px) pass 1 of :func:`evaluate_terms` uses when pass 2 uses ``tile``,
+    in ``precision`` ('fp32' or 'bf16'): ``FIRST_PASS_SCALE`` times it."""
+    return int(FIRST_PASS_SCALE.get(precision, 1.0) * tile)
 
 
 def _tv_sums(pixels: torch.Tensor, tile: Tile, height: int, width: int
@@ -326,8 +341,14 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     gram_sums: dict[str, list[torch.Tensor]] = {}
     squares = {n: torch.zeros((), device=x.device) for n in content}
     dy = dx = torch.zeros((), device=x.device)
-    for t, pixels, crops in interiors(ex, x.detach(), layers, tile, objective.precision,
-                                      check):
+    # Without pass 2 (no gradient wanted) pass 1 is all there is: it keeps ``tile``.
+    wanted = torch.is_grad_enabled() and x.requires_grad
+    first = first_pass_tile(tile, objective.precision) if wanted else tile
+    count = len(plan(height, width, first, receptive_field(ex, layers)))
+    for index, (t, pixels, crops) in enumerate(interiors(ex, x.detach(), layers, first,
+                                                         objective.precision, check)):
+        if objective.on_tile is not None:
+            objective.on_tile(1, index + 1, count)
         for name in style:
             f, r, c = crops[name]
             if not f.numel():  # a last interior under one stride of this layer
@@ -360,7 +381,7 @@ def evaluate_terms(objective: Objective, x: torch.Tensor, tile: int
     total = (objective.content_weight * content_total + objective.style_weight * style_total
              + objective.tv_weight * tv)
     terms = LossTerms(total, content_total, style_total, tv, content_layers, style_layers)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not wanted:
         return total, terms
     grad = _gradient(objective, x, tile, residuals, guides)
     total = _WithGradient.apply(x, total, grad)
@@ -398,31 +419,51 @@ def _gradient(objective: Objective, x: torch.Tensor, tile: int,
     tv_dy = objective.tv_weight / (3 * (height - 1) * width) if height > 1 else 0.0
     tv_dx = objective.tv_weight / (3 * height * (width - 1)) if width > 1 else 0.0
     grad = torch.zeros_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
-    for t in plan(height, width, tile, field):
+    tiles = plan(height, width, tile, field)
+    for index, t in enumerate(tiles):
         if objective.check is not None:
             objective.check()  # polls at once, between tiles (see interiors)
+        if objective.on_tile is not None:
+            objective.on_tile(2, index + 1, len(tiles))
         pixels = x.detach()[:, :, t.ty0:t.ty1, t.tx0:t.tx1].clone().requires_grad_(True)
         with torch.enable_grad():
             with autocast(x.device, objective.precision):
                 feats = ex(pixels, layers, objective.check)
-            # A surrogate: its gradient in the interior features is the whole image's.
-            parts = []
-            for name, loss in content.items():
-                f, r, c = t.crop(feats[name], field.jumps[name])
-                target = loss.target.mean[:, :, r:r + f.shape[2], c:c + f.shape[3]]
-                parts.append(content_coef[name] * (f.float() - target).pow(2).sum())
-            for name in style:
-                f, r, c = t.crop(feats[name], field.jumps[name])
+            # The whole image's gradient in each layer's interior features, handed to
+            # autograd as that layer's upstream gradient (zero outside the interior): the
+            # content term's 2 w (F - T), the style term's D = w (R + R^T) F. (Seeding the
+            # maps directly, rather than backpropagating a surrogate through crops, spares a
+            # zero-filled map and an addition per crop, and float32 copies of the maps.)
+            outputs, seeds = [], []
+            for name in dict.fromkeys(layers):
+                f = feats[name]
+                r0, r1 = (t.y0 - t.ty0) // field.jumps[name], (t.y1 - t.ty0) // field.jumps[name]
+                c0, c1 = (t.x0 - t.tx0) // field.jumps[name], (t.x1 - t.tx0) // field.jumps[name]
+                inner = f.detach()[:, :, r0:r1, c0:c1]
+                if not inner.numel():  # a last interior under one stride of this layer
+                    continue
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    direction = _direction(directions[name], f, t, r, c, field.jumps[name])
-                f = f.float().flatten(2)
-                parts.append((f[0] * direction).sum())
+                    inner = inner.float()
+                    seed = torch.zeros_like(inner)
+                    r, c = t.y0 // field.jumps[name], t.x0 // field.jumps[name]
+                    if name in content:
+                        target = content[name].target.mean[:, :, r:r + inner.shape[2],
+                                                           c:c + inner.shape[3]]
+                        seed += 2 * content_coef[name] * (inner - target)
+                    if name in style:
+                        seed += _direction(directions[name], inner, t, r, c,
+                                           field.jumps[name]).view_as(inner)
+                    full = torch.zeros_like(f)
+                    full[:, :, r0:r1, c0:c1] = seed
+                outputs.append(f)
+                seeds.append(full)
             a, b = _tv_sums(pixels, t, height, width)
-            parts.append(tv_dy * a + tv_dx * b)
-            (part,) = torch.autograd.grad(sum(parts), pixels)
+            outputs.append(tv_dy * a + tv_dx * b)
+            seeds.append(torch.ones_like(outputs[-1]))
+            (part,) = torch.autograd.grad(outputs, pixels, seeds)
         grad[:, :, t.ty0:t.ty1, t.tx0:t.tx1] += part
         # This tile's maps and graph go before the next tile runs.
-        feats = parts = part = f = target = direction = None
+        feats = outputs = seeds = part = f = inner = seed = full = target = None
     return grad
 
 
@@ -459,5 +500,5 @@ def _direction(terms: list[tuple[torch.Tensor, torch.Tensor | None]], features: 
     return out
 
 
-__all__ = ["Field", "Tile", "evaluate_terms", "feature_maps", "grams", "interiors", "plan",
-           "receptive_field"]
+__all__ = ["FIRST_PASS_SCALE", "Field", "Tile", "evaluate_terms", "feature_maps",
+           "first_pass_tile", "grams", "interiors", "plan", "receptive_field"]

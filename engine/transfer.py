@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from gramstyle import kernels
+from gramstyle.engine import footprint
 from gramstyle.engine import precision as _precision
 from gramstyle.engine.extractor import VGGFeatures
 from gramstyle.engine.masks import REGION_FIELD, SOURCE_FIELD
@@ -46,6 +47,7 @@ from gramstyle.engine.stop import Cancelled, StopCheck
 from gramstyle.engine.target_cache import TargetCache
 from gramstyle.engine.tensors import to_tensor
 from gramstyle.errors import FieldError
+from gramstyle.host_memory import available_memory
 from gramstyle.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from gramstyle.inputs import input_named, skipped
 from gramstyle.options import (
@@ -58,6 +60,7 @@ from gramstyle.options import (
     MAX_SIZE,
     StyleOptions,
     check_choice,
+    schedule,
 )
 from gramstyle.results import LossReport, Progress, StylizeResult
 
@@ -138,14 +141,20 @@ class StyleTransfer:
             kept across calls (:mod:`gramstyle.engine.target_cache`); several engines may
             share one. Default: a private cache of ``DEFAULT_TARGET_CACHE_MB`` MiB;
             ``TargetCache(0)`` turns caching off.
+        memory_limit: bytes a run may take, for ``tile`` "auto" (tile when the untiled run
+            would not fit); default: what is free when each run starts
+            (:meth:`memory_available`).
     """
 
     def __init__(self, arch: str = DEFAULT_ARCH, weights: str = DEFAULT_WEIGHTS,
                  pooling: str = DEFAULT_POOLING, device: str = DEFAULT_DEVICE,
                  max_size: int = MAX_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
-                 target_cache: TargetCache | None = None):
+                 target_cache: TargetCache | None = None, memory_limit: int | None = None):
         self.device = pick_device(device)
+        #: Bytes a run may take, for ``tile`` "auto"; None: what the device has free when
+        #: the run starts (:meth:`memory_available`).
+        self.memory_limit = memory_limit
         self.extractor = VGGFeatures(arch, weights, pooling, seed).to(self.device)
         if self.device.type == "cpu":
             # oneDNN convolutions are markedly faster in channels_last on CPU.
@@ -211,9 +220,9 @@ class StyleTransfer:
         against their bounds again. The checks that need the images (how many, their sizes)
         run when the images are there.
 
-        ``tile`` is kept as given; "auto" runs untiled in-process, since the engine knows no
-        memory limit (the gRPC service resolves it from its memory estimate before the run:
-        docs/tiling.md).
+        ``tile`` is kept as given; "auto" is resolved when the images are there
+        (:meth:`fit_tile`, against the memory available; the gRPC service resolves it from
+        its own estimate and limits before the run: docs/tiling.md).
         """
         options = options if options is not None else StyleOptions()
         options = options.validated(max_size=self.max_size, max_iterations=max_iterations)
@@ -222,6 +231,42 @@ class StyleTransfer:
         return options.resolved(
             self.model_key, **resolve_layers(self.extractor, options),
             precision=_precision.resolve_precision(options.precision, self.device))
+
+    def memory_available(self) -> int:
+        """Bytes a run may take now: ``memory_limit`` when set, else the device's free
+        memory (CUDA: ``torch.cuda.mem_get_info``; CPU:
+        :func:`gramstyle.host_memory.available_memory`, the kernel's MemAvailable within the
+        container's limit)."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return available_memory()
+
+    def fit_tile(self, options: StyleOptions, inputs: dict[str, list[Image.Image]],
+                 gradient: bool | None = None) -> StyleOptions:
+        """``options`` with ``tile`` "auto" resolved for these decoded ``inputs`` ("content"
+        and "style", and "candidate" for a ComputeLosses with ``gradient`` True or False;
+        None: a Stylize -- :meth:`stylize` asks for each scale, as a one-scale run of that
+        scale's size and iterations): "off" when the untiled run's estimate
+        (:mod:`gramstyle.engine.footprint`) fits :meth:`memory_available`, else the largest
+        tile whose estimate fits -- or, when none does, the smallest (the engine has no one
+        to refuse to: the run may still fit, the estimate being an upper bound). Other
+        values are returned as they are."""
+        if options.tile != "auto":
+            return options
+        held = 4 * sum(i.width * i.height for images in inputs.values() for i in images)
+
+        def estimate_of(checked: StyleOptions) -> footprint.Estimate:
+            phases = (footprint.stylize_phases(self.extractor, checked, inputs, held)
+                      if gradient is None else
+                      footprint.losses_phases(self.extractor, checked, inputs, held, gradient))
+            return footprint.peak(phases)
+
+        def sides() -> list[int]:
+            return footprint.tile_sides(self.extractor, options, bool(inputs["content"]),
+                                        bool(inputs["style"]), options.size)
+        return footprint.choose_tile(estimate_of, options, sides, self.memory_available())[1]
 
     def stylize(
         self,
@@ -282,10 +327,20 @@ class StyleTransfer:
                 raise FieldError("init_image", f"given, but init is {options.init!r}; set "
                                  f"init to 'image' (or leave it unset) to start from it")
             init_image = decode(init_image, "init_image", self.max_pixels, check=check)
+        # tile "auto" is resolved scale by scale: the coarse scales of a big output often fit
+        # untiled, and run faster so.
+        auto = options.tile == "auto"
+        sized = {"content": contents, "style": styles,
+                 "style_mask": [m for m in region_masks if m is not None],
+                 "style_source_mask": [m for m in source_masks if m is not None]}
+
+        caps = dict(schedule(options.size, options.scales, options.iterations))
 
         def objective_at(size: int) -> Objective:
-            return Objective.build(self.network(options.precision), contents, styles,
-                                   dataclasses.replace(options, size=size),
+            at = options.resolved(options.network, size=size, scales=1, iterations=caps[size])
+            if auto:
+                at = self.fit_tile(at, sized)
+            return Objective.build(self.network(options.precision), contents, styles, at,
                                    cache=self.target_cache, model_key=self.model_key,
                                    check=check, style_masks=region_masks,
                                    style_source_masks=source_masks)
@@ -333,10 +388,12 @@ class StyleTransfer:
         if options is None or options.size != side:
             options = dataclasses.replace(options or StyleOptions(), size=side)
         options = self.validate(options)
+        contents = _load(content, "content", self.max_pixels, check, decode)
+        styles = _load(style, "style", self.max_pixels, check, decode)
+        options = self.fit_tile(options, {"candidate": [image], "content": contents,
+                                          "style": styles}, gradient)
         objective = Objective.build(
-            self.network(options.precision),
-            _load(content, "content", self.max_pixels, check, decode),
-            _load(style, "style", self.max_pixels, check, decode), options, size=image.size,
+            self.network(options.precision), contents, styles, options, size=image.size,
             output_field="candidate", cache=self.target_cache, model_key=self.model_key,
             check=check, keep_pixels=False,
             style_masks=_load_masks(style_mask, REGION_FIELD, self.max_pixels, check, decode),

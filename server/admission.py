@@ -25,16 +25,16 @@ or refused; cheap RPCs never touch the queue.
 from __future__ import annotations
 
 import collections
-import os
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from gramstyle.errors import FieldError, QueueFull, ShuttingDown  # the last two: re-exported
+
+# Re-exported: they moved to the core so that the engine can read them too.
+from gramstyle.host_memory import machine_memory, process_rss
 
 T = TypeVar("T")
 
@@ -220,29 +220,6 @@ class WorkQueue:
 
 
 # ---------------------------------------------------------------------------- the budget
-
-
-def machine_memory() -> int:
-    """Bytes of memory this process may use: the machine's, or its container's limit
-    (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``) when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def process_rss() -> int:
-    """This process's resident memory, in bytes (0 where /proc is missing)."""
-    try:
-        match = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
-    except OSError:
-        return 0
-    return int(match.group(1)) * 1024 if match else 0
 
 
 def default_memory_budget(reserved: int = 0) -> int:

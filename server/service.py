@@ -51,6 +51,7 @@ import grpc
 import gramstyle
 from gramstyle import codec
 from gramstyle.decode_process import DecodePool
+from gramstyle.engine import footprint
 from gramstyle.engine.optimise import LBFGS_HISTORY
 from gramstyle.engine.stop import Cancelled
 from gramstyle.engine.transfer import StyleTransfer
@@ -232,28 +233,11 @@ class StyleTransferService(pb_grpc.StyleTransferServiceServicer):
         ``sides()`` (ascending) whose estimate fits. Refuses (:meth:`_fits`) a request that
         does not fit even so. ``estimate_of(options)``: the request's estimate with these
         options."""
-        estimate = estimate_of(options)
-        limit = self.max_request_memory
-        if options.tile != "auto":
-            self._fits(estimate, options, losses)
-            return estimate, options
-        if limit is None or estimate.total <= limit:
-            return estimate, options.resolved(options.network, tile="off")
-        candidates = sides()
-        # The estimate grows with the tile: binary search for the largest side that fits.
-        low, high, best = 0, len(candidates) - 1, None
-        while low <= high:
-            middle = (low + high) // 2
-            tiled = options.resolved(options.network, tile=candidates[middle])
-            tried = estimate_of(tiled)
-            if tried.total <= limit:
-                best, low = (tried, tiled), middle + 1
-            else:
-                high = middle - 1
-        if best is None:
-            smallest = options.resolved(options.network, tile=candidates[0])
-            self._fits(estimate_of(smallest), smallest, losses, auto=True)
-        return best
+        estimate, chosen, fits = footprint.choose_tile(estimate_of, options, sides,
+                                                       self.max_request_memory)
+        if not fits:
+            self._fits(estimate, chosen, losses, auto=options.tile == "auto")
+        return estimate, chosen
 
     def _fits(self, estimate: memory.Estimate, options: StyleOptions, losses: bool,
               auto: bool = False) -> None:

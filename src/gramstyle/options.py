@@ -51,6 +51,9 @@ MAX_ITERATIONS = 10_000
 MAX_SCALES = 8
 #: Smallest long side of the coarsest scale.
 MIN_SCALE_SIZE = 32
+#: ``scales`` 0 (the default, "auto"): one scale up to this long side (px); above it, the
+#: automatic coarse-to-fine schedule of :func:`schedule` starts at or below it.
+AUTO_SCALES_ABOVE = 1024
 #: The ``tile`` option: its named values, and the smallest side in pixels (the total stride
 #: of VGG's deepest layers: a tile's interior is a multiple of it, see gramstyle.engine.tiles).
 TILE_CHOICES = ("auto", "off")
@@ -234,6 +237,40 @@ def scale_sizes(size: int, scales: int) -> list[int]:
     return [round(size / math.sqrt(2) ** (scales - 1 - k)) for k in range(scales)]
 
 
+def auto_scales(size: int) -> int:
+    """How many scales ``scales`` 0 ("auto") runs at long side ``size``: 1 up to
+    :data:`AUTO_SCALES_ABOVE`, else the fewest sqrt(2) steps that start at or below it
+    (1448 px: 2 scales, 2048: 3, 4096: 5)."""
+    count = 1
+    while size / math.sqrt(2) ** (count - 1) > AUTO_SCALES_ABOVE + 0.5:
+        count += 1
+    return count
+
+
+def schedule(size: int, scales: int, iterations: int) -> list[tuple[int, int]]:
+    """(long side px, iteration cap) of each scale, coarsest first.
+
+    ``scales`` N >= 1: the N sizes of :func:`scale_sizes`, each for ``iterations`` steps.
+    ``scales`` 0 ("auto"): one scale of ``iterations`` up to :data:`AUTO_SCALES_ABOVE` px;
+    above it :func:`auto_scales` sizes, the coarsest for ``iterations`` steps and each finer
+    one for half the previous one's (at least 1). Each sqrt(2) step doubles the pixels and
+    so the cost of an iteration: every scale then takes about the same time, and most
+    iterations run where they are cheap.
+
+    >>> schedule(4096, 0, 300)
+    [(1024, 300), (1448, 150), (2048, 75), (2896, 38), (4096, 19)]
+    """
+    if scales:
+        return [(side, iterations) for side in scale_sizes(size, scales)]
+    sides = scale_sizes(size, auto_scales(size))
+    return [(side, max(1, round(iterations / 2**k))) for k, side in enumerate(sides)]
+
+
+def total_iterations(options: Any) -> int:
+    """The iteration caps of every scale of ``options`` (:func:`schedule`) added up."""
+    return sum(n for _, n in schedule(options.size, options.scales, options.iterations))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -353,8 +390,11 @@ class StyleOptions:
         1.0, "float", "style images are resized to long side size * style_scale",
         scope="losses", low=0, high=FLOAT32_MAX)
     scales: int = option(
-        1, "int", "coarse-to-fine: optimise at this many sizes growing by sqrt(2) up to size, "
-        "each for `iterations` steps from the previous result", low=1, high=MAX_SCALES)
+        0, "int", "coarse-to-fine: optimise at this many sizes growing by sqrt(2) up to size, "
+        "each for `iterations` steps from the previous result; 0 = auto: one scale up to "
+        f"{AUTO_SCALES_ABOVE} px, above it starting at or below {AUTO_SCALES_ABOVE} px with "
+        "`iterations` steps and half as many at each finer scale (docs/tiling.md)", low=0,
+        high=MAX_SCALES)
     preserve_colors: bool = option(
         False, "bool", "keep the content image's colours: transfer luminance only (YIQ)")
     colour: str = option(
@@ -371,8 +411,8 @@ class StyleOptions:
         "pixels a side (rounded down to a multiple of the network's stride), each with a halo "
         "that keeps them exact: the network's memory is bounded by the tile, not the image "
         "(docs/tiling.md); off = the whole image at once; auto = tile only when the untiled "
-        "run would not fit the server's per-request memory limit, with the largest tile that "
-        "fits (in-process, with no memory limit: off)", scope="losses", low=MIN_TILE,
+        "run would not fit the server's per-request memory limit (in-process: the memory "
+        "available, scale by scale), with the largest tile that fits", scope="losses", low=MIN_TILE,
         high="max_size", unit="pixels", metavar="auto|off|PX")
     progress_every: int = option(
         10, "int", "report progress after 0, N, 2N, ... iterations and after the last one",
@@ -436,9 +476,15 @@ class StyleOptions:
         if scales > 1 and scale_sizes(size, scales)[0] < MIN_SCALE_SIZE:
             raise FieldError("scales", f"{scales} scales from size {size} would start below "
                              f"{MIN_SCALE_SIZE} px; use fewer scales or a larger size", scales)
-        if values["iterations"] * scales > max_iterations:
+        if values["iterations"] * max(1, scales) > max_iterations:
             raise FieldError("iterations", f"iterations*scales must be at most "
                              f"{max_iterations}, got {values['iterations']}*{scales}",
+                             values["iterations"])
+        planned = sum(n for _, n in schedule(size, scales, values["iterations"]))
+        if planned > max_iterations:  # scales 0 (auto): about twice iterations at big sizes
+            raise FieldError("iterations", f"the automatic schedule at size {size} runs "
+                             f"{planned} iterations over {auto_scales(size)} scales, more "
+                             f"than {max_iterations}; lower iterations or set scales",
                              values["iterations"])
         return self._frozen(values, (max_size, max_iterations), None)
 
@@ -470,6 +516,9 @@ class StyleOptions:
         most the limit allows instead (:func:`default_within`).
         """
         scales = given.get("scales", cls.scales)
+        size = given.get("size", min(cls.size, max_size))
+        if _is_int(scales) and scales == 0 and _is_int(size):
+            scales = auto_scales(size)  # the schedule's total is below iterations * scales
         defaults = default_within(max_size, max_iterations,
                                   scales if _is_int(scales) and scales >= 1 else 1)
         return cls(**{**{k: v for k, v in defaults.items() if k not in given}, **given}
@@ -519,7 +568,7 @@ __all__ = [
     "DEFAULT_TOLERANCE", "DEFAULT_STYLE_LAYERS", "DEFAULT_WEIGHTS", "DEVICES", "FLOAT32_MAX",
     "FLOAT32_TINY", "MAX_ITERATIONS", "MAX_LEARNING_RATE", "MAX_SCALES", "MAX_SIZE",
     "MIN_SCALE_SIZE", "MIN_TILE", "MODEL_DEFAULTS", "POOLINGS", "TILE_CHOICES", "OptionSpec",
-    "StyleOptions",
+    "StyleOptions", "AUTO_SCALES_ABOVE", "auto_scales", "schedule", "total_iterations",
     "check_choice", "check_float", "check_weight", "check_weights", "default_within",
     "enum_choices", "flag_of", "layer_names", "markdown_table", "preview", "scale_sizes",
     "split_list", "tile_pixels",

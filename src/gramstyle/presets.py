@@ -61,7 +61,7 @@ PRESETS: tuple[Preset, ...] = (
            "(colour and small texture), a little smoothing",
            {"content_weight": 1.0, "style_weight": 1.5, "style_layers": DEFAULT_STYLE_LAYERS,
             "style_layer_weights": (2.0, 2.0, 1.0, 0.5, 0.5), "style_scale": 1.0,
-            "scales": 1, "iterations": 300, "tv_weight": 1.0}),
+            "scales": 0, "iterations": 300, "tv_weight": 1.0}),
     # Today's defaults: a run without --preset is a balanced run.
     Preset("balanced", "the default: equal style layers at the content's scale",
            {**_defaults(), "style_layer_weights": (1.0, 1.0, 1.0, 1.0, 1.0)}),

@@ -50,6 +50,30 @@ class Progress:
     #: The precision the network runs in: 'fp32' or 'bf16' (what precision 'auto' chose);
     #: '' from a server that does not report it.
     precision: str = ""
+    #: The scale running, 1-based, of ``scales`` (the coarse-to-fine schedule,
+    #: :func:`gramstyle.options.schedule`), and its long side in px; 0 from a server that
+    #: does not report them.
+    scale: int = 0
+    scales: int = 0
+    scale_size: int = 0
+    #: In a tiled run, a report from within an iteration (at most one a second): the tile
+    #: pass (1: the loss, without a graph; 2: the gradient) and its tile, 1-based, of
+    #: ``tiles``; ``iteration`` and ``losses`` are then the latest iteration's. 0 otherwise.
+    tile_pass: int = 0
+    tile: int = 0
+    tiles: int = 0
+
+    @property
+    def where(self) -> str:
+        """Where the run is, for a progress line: 'scale 2/3 1448px, tile 5/12 (gradient)';
+        '' when the report names neither (one scale, not tiled, or an older server)."""
+        parts = []
+        if self.scales > 1:
+            parts.append(f"scale {self.scale}/{self.scales} {self.scale_size}px")
+        if self.tiles:
+            stage = "gradient" if self.tile_pass == 2 else "loss"
+            parts.append(f"tile {self.tile}/{self.tiles} ({stage})")
+        return ", ".join(parts)
 
     @property
     def restarted(self) -> bool:

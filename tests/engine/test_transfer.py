@@ -580,7 +580,7 @@ def test_losses_agree_across_kernel_backends(images):
     ({"style_layers": ("relu1_1", "relu9_9")}, r"style_layers: unknown layer 'relu9_9'"),
     ({"content_layers": ("99",)}, r"content_layers: unknown layer '99'"),
     ({"optimizer": "sgd"}, r"optimizer: must be one of lbfgs, adam, got 'sgd'"),
-    ({"scales": 9}, r"scales: must be an integer between 1 and 8, got 9"),
+    ({"scales": 9}, r"scales: must be an integer between 0 and 8, got 9"),
     ({"size": 64, "scales": 4}, r"scales: 4 scales from size 64 would start below 32 px"),
     ({"iterations": 5000, "scales": 3}, r"iterations: iterations\*scales must be at most"),
     ({"style_blend_weights": (1.0, 2.0)}, r"style_blend_weights: expected 1 value"),
