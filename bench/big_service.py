@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from types import SimpleNamespace
 
 import numpy as np
 from machine import cpu_model, load1
+from replicas import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 #: The shared images: $GRAMSTYLE_SHARED, else ../shared, else /work/shared (as tests/conftest).
@@ -52,12 +52,6 @@ STYLE = SHARED / "images" / "style" / "starry_night.jpg"
 #: Largest difference allowed per 8-bit value, and in the mean (see the module docstring).
 MAX_LEVELS = 2
 MEAN_LEVELS = 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_bytes(pid: int) -> int:

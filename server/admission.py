@@ -231,4 +231,4 @@ def default_memory_budget(reserved: int = 0) -> int:
 
 
 __all__ = ["MEMORY_BUDGET_SHARE", "CancelledError", "QueueFull", "ShuttingDown", "WorkQueue",
-           "default_memory_budget", "machine_memory", "process_rss"]
+           "default_memory_budget"]

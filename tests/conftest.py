@@ -253,6 +253,34 @@ def server(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="module")
+def stub(server):
+    """A StyleTransferService stub on a plaintext channel to the module's server."""
+    import grpc
+
+    from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.StyleTransferServiceStub(channel)
+
+
+@pytest.fixture
+def stylize_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every in-process StyleTransfer.stylize call of this test
+    (the call still runs)."""
+    from gramstyle.engine.transfer import StyleTransfer
+
+    seen: list[dict] = []
+    real = StyleTransfer.stylize
+
+    def stylize(self, *args, **kwargs):
+        seen.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StyleTransfer, "stylize", stylize)
+    return seen
+
+
+@pytest.fixture(scope="module")
 def http(server):
     """An httpx client of the module's server's HTTP front (the module's SERVER_SETTINGS
     must set ``http_port``)."""

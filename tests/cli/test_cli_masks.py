@@ -9,7 +9,6 @@ from conftest import noise
 from PIL import Image
 
 from gramstyle.cli import main
-from gramstyle.engine import StyleTransfer
 
 W, H = 64, 48
 SMALL = ["--size", str(W), "--iterations", "2", "--arch", "vgg19", "--weights", "random",
@@ -31,21 +30,7 @@ def files(tmp_path):
     return {name: str(path) for name, path in paths.items()}
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The keyword arguments of every StyleTransfer.stylize call (the call still runs)."""
-    seen: list[dict] = []
-    real = StyleTransfer.stylize
-
-    def stylize(self, *args, **kwargs):
-        seen.append(kwargs)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StyleTransfer, "stylize", stylize)
-    return seen
-
-
-def test_style_masks_reach_the_engine_in_order(tmp_path, files, calls, capsys):
+def test_style_masks_reach_the_engine_in_order(tmp_path, files, stylize_calls, capsys):
     out = tmp_path / "out.png"
     code = main(["stylize", "--content", files["content"],
                  "--style", files["sky"], "--style-mask", files["sky_mask"],
@@ -54,7 +39,7 @@ def test_style_masks_reach_the_engine_in_order(tmp_path, files, calls, capsys):
                  "--style-source-mask", files["sky_mask"],
                  "-o", str(out), *SMALL])
     assert code == 0, capsys.readouterr().err
-    (kwargs,) = calls
+    (kwargs,) = stylize_calls
     assert kwargs["style"] == [files["sky"], files["sea"]]
     assert kwargs["style_mask"] == [files["sky_mask"], files["sea_mask"]]
     assert kwargs["style_source_mask"] == [files["sea_mask"], files["sky_mask"]]
@@ -71,7 +56,7 @@ def test_style_masks_reach_the_engine_in_order(tmp_path, files, calls, capsys):
     (["--style-mask", "{sky_mask}", "--style-mask", "{corrupt}"],
      "--style-mask #2: cannot decode image"),
 ])
-def test_bad_masks_exit_2_naming_the_flag_before_any_run(tmp_path, files, calls, capsys,
+def test_bad_masks_exit_2_naming_the_flag_before_any_run(tmp_path, files, stylize_calls, capsys,
                                                          extra, message):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image at all")
@@ -82,7 +67,7 @@ def test_bad_masks_exit_2_naming_the_flag_before_any_run(tmp_path, files, calls,
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err
-    assert not calls and not out.exists()
+    assert not stylize_calls and not out.exists()
 
 
 def test_losses_take_the_masks(files, capsys):
@@ -97,12 +82,12 @@ def test_losses_take_the_masks(files, capsys):
     assert "style" in masked and masked != plain
 
 
-def test_colour_flag(tmp_path, files, calls, capsys):
+def test_colour_flag(tmp_path, files, stylize_calls, capsys):
     out = tmp_path / "out.png"
     code = main(["stylize", "--content", files["content"], "--style", files["sea"],
                  "--colour", "luminance", "-o", str(out), *SMALL])
     assert code == 0, capsys.readouterr().err
-    assert calls[0]["options"].colour == "luminance"
+    assert stylize_calls[0]["options"].colour == "luminance"
     with pytest.raises(SystemExit) as info:
         main(["stylize", "--content", files["content"], "--style", files["sea"],
               "--colour", "sepia", "-o", str(out), *SMALL])

@@ -9,7 +9,6 @@ from conftest import noise
 from PIL import Image
 
 from gramstyle.cli import main
-from gramstyle.engine import StyleTransfer
 
 W, H = 64, 48
 NET = ["--arch", "vgg19", "--weights", "random", "--device", "cpu"]
@@ -31,21 +30,7 @@ def files(tmp_path):
     return {name: str(path) for name, path in paths.items()}
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The keyword arguments of every StyleTransfer.stylize call (the call still runs)."""
-    seen: list[dict] = []
-    real = StyleTransfer.stylize
-
-    def stylize(self, *args, **kwargs):
-        seen.append(kwargs)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StyleTransfer, "stylize", stylize)
-    return seen
-
-
-def test_a_dash_skips_one_styles_mask(tmp_path, files, calls, capsys):
+def test_a_dash_skips_one_styles_mask(tmp_path, files, stylize_calls, capsys):
     out = tmp_path / "out.png"
     code = main(["stylize", "--content", files["content"],
                  "--style", files["sky"], "--style-mask", files["left"],
@@ -53,14 +38,14 @@ def test_a_dash_skips_one_styles_mask(tmp_path, files, calls, capsys):
                  "--style-source-mask", "-", "--style-source-mask", files["white"],
                  "-o", str(out), *SMALL])
     assert code == 0, capsys.readouterr().err
-    (kwargs,) = calls
+    (kwargs,) = stylize_calls
     assert kwargs["style_mask"] == [files["left"], None]
     assert kwargs["style_source_mask"] == [None, files["white"]]
     with Image.open(out) as image:
         assert image.size == (W, H)
 
 
-def test_a_file_named_dash_is_given_as_dot_slash_dash(tmp_path, files, calls, capsys,
+def test_a_file_named_dash_is_given_as_dot_slash_dash(tmp_path, files, stylize_calls, capsys,
                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.open(files["left"]).save(tmp_path / "-", format="PNG")
@@ -69,15 +54,15 @@ def test_a_file_named_dash_is_given_as_dot_slash_dash(tmp_path, files, calls, ca
     assert main([*base, "--style-mask", "./-", "--style-mask", "-", "-o", "a.png"]) == 0, \
         capsys.readouterr().err
     # `-` skips even with a file of that name in the folder.
-    assert calls[0]["style_mask"] == ["./-", None]
+    assert stylize_calls[0]["style_mask"] == ["./-", None]
     # And ./- is read as that file: a corrupt one is an error naming the flag.
     (tmp_path / "-").write_bytes(b"not an image")
     assert main([*base, "--style-mask", "./-", "--style-mask", "-", "-o", "b.png"]) == 2
     assert "--style-mask #1: cannot decode image" in capsys.readouterr().err
-    assert len(calls) == 1
+    assert len(stylize_calls) == 1
 
 
-def test_the_count_must_match_with_dashes_counted(tmp_path, files, calls, capsys):
+def test_the_count_must_match_with_dashes_counted(tmp_path, files, stylize_calls, capsys):
     out = tmp_path / "out.png"
     code = main(["stylize", "--content", files["content"], "--style", files["sky"],
                  "--style", files["sea"], "--style-mask", "-", "--style-mask", files["left"],
@@ -85,7 +70,7 @@ def test_the_count_must_match_with_dashes_counted(tmp_path, files, calls, capsys
     assert code == 2
     assert ("--style-mask: expected 2 file(s), one per --style, in the same order; got 3; "
             "give '-' for a --style without one") in capsys.readouterr().err
-    assert not calls and not out.exists()
+    assert not stylize_calls and not out.exists()
 
 
 def style_row(out: str) -> float:

@@ -46,7 +46,6 @@ from gramstyle.engine.stop import Cancelled
 from gramstyle.server.http import HTTP_STATUS, body_limit
 from gramstyle.server.serve import GramstyleServer
 from gramstyle.v1 import gramstyle_pb2 as pb
-from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 STYLIZE = "POST /v1/stylize"
 #: A run that goes on until it is stopped.
@@ -65,12 +64,6 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def data(images) -> dict[str, bytes]:
     return {"cat": small_png(images["cat"]), "starry": small_png(images["starry"])}
-
-
-@pytest.fixture(scope="module")
-def stub(server) -> Iterator[pb_grpc.StyleTransferServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.StyleTransferServiceStub(channel)
 
 
 def stylize_json(data: dict[str, bytes], **fields) -> dict:

@@ -15,7 +15,6 @@ from PIL import Image
 
 from gramstyle import codec
 from gramstyle.v1 import gramstyle_pb2 as pb
-from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 W, H = 64, 48
 #: Room for a ComputeLosses with two masked styles (candidate, content, 2 styles, 4 masks).
@@ -29,12 +28,6 @@ def halves() -> tuple[bytes, bytes]:
     left[:, : W // 2] = 255
     return (png(Image.fromarray(left, "L").convert("RGB")),
             png(Image.fromarray(255 - left, "L").convert("RGB")))
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.StyleTransferServiceStub(channel)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from PIL import Image
 from gramstyle import codec
 from gramstyle.client import Client
 from gramstyle.v1 import gramstyle_pb2 as pb
-from gramstyle.v1 import gramstyle_pb2_grpc as pb_grpc
 
 W, H = 64, 48
 #: Six images per request: a content, two styles and three masks.
@@ -29,12 +28,6 @@ def ramp() -> np.ndarray:
 
 def grey(values: np.ndarray) -> bytes:
     return png(Image.fromarray((values * 255).round().astype(np.uint8), "L").convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.StyleTransferServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
